@@ -1,0 +1,98 @@
+//! I/O engines for the NVMe tier, behind one small trait, chosen by [`EngineKind`].
+//!
+//! An engine receives segment-sized requests and completes each exactly once through its
+//! callback. The buffer of a request stays owned by the operation that submitted it until that
+//! callback has run, whatever happens to the handles above.
+
+mod faulty;
+mod mmap;
+mod psync;
+mod uring;
+mod workers;
+
+use std::io;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use faulty::{Fault, FaultInjector};
+pub(crate) use faulty::FaultyEngine;
+pub(crate) use mmap::MmapEngine;
+pub(crate) use psync::PsyncEngine;
+pub(crate) use uring::UringEngine;
+
+use super::file::SlotFile;
+use crate::lane::SendPtr;
+
+/// Which I/O engine moves chunks to and from NVMe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// io_uring: batched submission with a queue depth, registered buffers where allowed.
+    Uring,
+    /// pread/pwrite on a pool of threads.
+    Psync,
+    /// A shared memory mapping of each swap file, flushed with msync on write.
+    Mmap,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Uring => "uring",
+            EngineKind::Psync => "psync",
+            EngineKind::Mmap => "mmap",
+        }
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoKind {
+    Read,
+    Write,
+}
+
+pub(crate) type IoDone = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// One contiguous read or write.
+pub(crate) struct IoRequest {
+    pub kind: IoKind,
+    pub file: Arc<SlotFile>,
+    pub offset: u64,
+    /// Valid for `len` bytes until `done` has run (the submitter's operation owns it).
+    pub buf: SendPtr,
+    pub len: usize,
+    pub done: IoDone,
+}
+
+/// What every engine provides.
+pub(crate) trait IoEngine: Send + Sync {
+    fn kind(&self) -> EngineKind;
+    /// Queues the requests; each completes exactly once through its `done`.
+    fn submit(&self, reqs: Vec<IoRequest>);
+    /// A host region that future requests may use as their buffer (registration is optional).
+    fn register_buffer(&self, _ptr: *mut u8, _len: usize) {}
+    /// The region is about to be freed.
+    fn unregister_buffer(&self, _ptr: *mut u8, _len: usize) {}
+}
+
+/// Adapts an engine to the host pool's arena notifications, for buffer registration.
+pub(crate) struct RegisterHook(pub(crate) Arc<dyn IoEngine>);
+
+impl crate::host::HostArenaHook for RegisterHook {
+    fn arena_added(&self, ptr: *mut u8, len: usize) -> crate::Result<()> {
+        self.0.register_buffer(ptr, len);
+        Ok(())
+    }
+    fn arena_removed(&self, ptr: *mut u8, len: usize) {
+        self.0.unregister_buffer(ptr, len);
+    }
+}

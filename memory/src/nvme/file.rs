@@ -1,0 +1,97 @@
+//! One preallocated swap file: the backing of one NVMe arena.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use memmap2::MmapRaw;
+
+use crate::error::{Error, IoOp, Result};
+
+/// A swap file holding the slots of one arena. Created with mode 0600, never following a
+/// symlink, preallocated to its full length, and removed when dropped: swap files are scratch,
+/// never the source of truth.
+pub(crate) struct SlotFile {
+    file: File,
+    path: PathBuf,
+    /// Whether the blocks are reserved (fallocate); a mapping of a sparse file could raise
+    /// SIGBUS when the disk fills, so the mmap engine requires this.
+    preallocated: bool,
+    map: OnceLock<Result<MmapRaw, String>>,
+}
+
+impl SlotFile {
+    pub(crate) fn create(path: &Path, len: usize, direct: bool) -> Result<Self> {
+        let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| Error::io(IoOp::Open, path, 0, e))?;
+        let mut slot_file = SlotFile {
+            file,
+            path: path.to_owned(),
+            preallocated: false,
+            map: OnceLock::new(),
+        };
+        // SAFETY: plain syscall on an fd we own.
+        let rc = unsafe { libc::fallocate(slot_file.file.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if rc == 0 {
+            slot_file.preallocated = true;
+        } else {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    log::info!("{}: fallocate unsupported ({e}); using a sparse file", path.display());
+                    slot_file
+                        .file
+                        .set_len(len as u64)
+                        .map_err(|e| Error::io(IoOp::Allocate, path, 0, e))?;
+                }
+                // `slot_file` is dropped here, which removes the half-made file.
+                _ => return Err(Error::io(IoOp::Allocate, path, 0, e)),
+            }
+        }
+        Ok(slot_file)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// A shared mapping of the whole file, made on first use.
+    pub(crate) fn map(&self) -> io::Result<&MmapRaw> {
+        let m = self.map.get_or_init(|| {
+            if !self.preallocated {
+                return Err("the file is sparse (fallocate unsupported); mapping it risks SIGBUS".into());
+            }
+            MmapRaw::map_raw(&self.file).map_err(|e| e.to_string())
+        });
+        m.as_ref().map_err(|e| io::Error::other(e.clone()))
+    }
+}
+
+impl Drop for SlotFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            log::warn!("could not remove swap file {}: {e}", self.path.display());
+        }
+    }
+}

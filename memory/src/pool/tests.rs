@@ -1,0 +1,129 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::*;
+use crate::host::HostArenas;
+
+/// Host arenas that count how many regions were obtained and given back.
+struct Counting {
+    inner: HostArenas,
+    allocs: Arc<AtomicUsize>,
+    frees: Arc<AtomicUsize>,
+}
+
+impl ArenaBackend for Counting {
+    fn alloc_arena(&self, id: u32, bytes: usize) -> Result<u64> {
+        self.allocs.fetch_add(1, Ordering::SeqCst);
+        self.inner.alloc_arena(id, bytes)
+    }
+    fn free_arena(&self, id: u32, base: u64, bytes: usize) {
+        self.frees.fetch_add(1, Ordering::SeqCst);
+        self.inner.free_arena(id, base, bytes)
+    }
+    fn host_addressable(&self) -> bool {
+        true
+    }
+}
+
+const SLOT: usize = 4096;
+
+fn pool(budget_slots: u64, arena_slots: usize) -> (Arc<Pool>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let allocs = Arc::new(AtomicUsize::new(0));
+    let frees = Arc::new(AtomicUsize::new(0));
+    let backend = Counting {
+        inner: HostArenas::new(Tier::Host, 4096, Vec::new()),
+        allocs: allocs.clone(),
+        frees: frees.clone(),
+    };
+    let p = Pool::new(Tier::Host, budget_slots * SLOT as u64, arena_slots * SLOT, Box::new(backend));
+    (p, allocs, frees)
+}
+
+#[test]
+fn capped_pool_errors_instead_of_growing() {
+    let (p, _, _) = pool(4, 2);
+    let held: Vec<Slot> = (0..4).map(|_| p.alloc(SLOT, false).unwrap()).collect();
+    let before = p.stats();
+    match p.alloc(SLOT, false) {
+        Err(Error::OverBudget {
+            tier,
+            requested,
+            capacity,
+            in_use,
+        }) => {
+            assert_eq!(tier, Tier::Host);
+            assert_eq!(requested, SLOT as u64);
+            assert_eq!(capacity, 4 * SLOT as u64);
+            assert_eq!(in_use, 4 * SLOT as u64);
+        }
+        other => panic!("expected OverBudget, got {other:?}"),
+    }
+    assert_eq!(p.stats(), before, "a refused allocation leaves no partial state");
+    drop(held);
+    assert_eq!(p.stats().used, 0);
+    assert!(p.alloc(SLOT, false).is_ok(), "freed slots are usable again");
+}
+
+#[test]
+fn slots_come_from_few_large_arenas() {
+    let (p, allocs, _) = pool(64, 16);
+    let held: Vec<Slot> = (0..64).map(|_| p.alloc(SLOT, false).unwrap()).collect();
+    assert_eq!(allocs.load(Ordering::SeqCst), 4, "64 slots from arenas of 16");
+    let mut addrs: Vec<u64> = held.iter().map(|s| s.addr()).collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 64, "no two slots share an address");
+    drop(held);
+    let again: Vec<Slot> = (0..64).map(|_| p.alloc(SLOT, false).unwrap()).collect();
+    assert_eq!(allocs.load(Ordering::SeqCst), 4, "reuse does not allocate");
+    assert_eq!(p.stats().peak, 64 * SLOT as u64);
+    drop(again);
+}
+
+#[test]
+fn slot_bytes_are_private_to_their_owner() {
+    let (p, _, _) = pool(8, 8);
+    let mut a = p.alloc(SLOT, false).unwrap();
+    let mut b = p.alloc(SLOT, false).unwrap();
+    a.bytes_mut().unwrap().fill(1);
+    b.bytes_mut().unwrap().fill(2);
+    assert!(a.bytes().unwrap().iter().all(|&x| x == 1));
+    assert!(b.bytes().unwrap().iter().all(|&x| x == 2));
+}
+
+#[test]
+fn idle_arenas_of_another_size_make_room() {
+    let (p, allocs, frees) = pool(4, 4);
+    let small: Vec<Slot> = (0..4).map(|_| p.alloc(SLOT, false).unwrap()).collect();
+    assert!(matches!(p.alloc(2 * SLOT, false), Err(Error::OverBudget { .. })));
+    drop(small);
+    let big = p.alloc(2 * SLOT, false).expect("the idle small-slot arena is given back");
+    assert_eq!(frees.load(Ordering::SeqCst), 1);
+    assert_eq!(allocs.load(Ordering::SeqCst), 2);
+    let st = p.stats();
+    assert!(st.reserved <= st.capacity, "reserved {} within budget {}", st.reserved, st.capacity);
+    assert_eq!(st.used, 2 * SLOT as u64);
+    drop(big);
+    assert_eq!(p.shrink(), 4 * SLOT as u64);
+    assert_eq!(p.stats().reserved, 0);
+}
+
+#[test]
+fn a_slot_larger_than_the_budget_is_not_retryable() {
+    let (p, _, _) = pool(2, 2);
+    let e = p.alloc(4 * SLOT, false).unwrap_err();
+    assert!(!e.is_retryable(), "{e}");
+    let (p, _, _) = pool(2, 2);
+    let _held = (p.alloc(SLOT, false).unwrap(), p.alloc(SLOT, false).unwrap());
+    assert!(p.alloc(SLOT, false).unwrap_err().is_retryable());
+}
+
+#[test]
+fn staging_slots_are_counted() {
+    let (p, _, _) = pool(4, 4);
+    let s = p.alloc(SLOT, true).unwrap();
+    assert_eq!(p.stats().staging, SLOT as u64);
+    assert_eq!(p.stats().used, SLOT as u64);
+    drop(s);
+    assert_eq!(p.stats().staging, 0);
+}

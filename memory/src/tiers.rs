@@ -1,0 +1,422 @@
+//! The three tiers together: configuration, slot allocation, and moves between any two tiers.
+//!
+//! Moves take whole slots of equal size. Direct paths: device<->host (the CUDA copy streams, or
+//! the simulated device's copy lanes), host<->NVMe (the I/O engine). Every other pair goes
+//! through a staging slot taken from the host pool, which is charged to the host budget for the
+//! move's duration.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::cuda::{Cuda, CudaArenas, CudaPinner};
+use crate::device::CudaInfo;
+use crate::error::{Error, Result};
+use crate::host::{page_size, HostArenaHook, HostArenas};
+use crate::lane::{Done, Lane};
+use crate::nvme::engine::{EngineKind, RegisterHook};
+use crate::nvme::{Nvme, NvmeArenas, NvmeConfig};
+use crate::pool::{Pool, Slot};
+use crate::tier::{ChunkId, DeviceKind, Tier, TierStats};
+use crate::transfer::{Op, Transfer};
+
+/// Which device backs the device tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when a GPU is usable, the simulated device otherwise (the reason is logged).
+    Auto,
+    /// CUDA or an error.
+    Cuda,
+    /// The simulated device, even where a GPU exists.
+    Simulated,
+    /// No device tier.
+    None,
+}
+
+/// Settings of the device tier.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceConfig {
+    /// Default: `Auto`.
+    pub choice: DeviceChoice,
+    /// Byte budget. Default: 1 GiB.
+    pub budget: u64,
+    /// CUDA device ordinal. Default: 0.
+    pub ordinal: usize,
+    /// Simulated device only: pace host<->device copies to this many bytes per second in each
+    /// direction. Default: none (memcpy speed).
+    pub sim_bytes_per_s: Option<f64>,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            choice: DeviceChoice::Auto,
+            budget: 1 << 30,
+            ordinal: 0,
+            sim_bytes_per_s: None,
+        }
+    }
+}
+
+/// Settings of all tiers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TiersConfig {
+    pub device: DeviceConfig,
+    /// Host tier byte budget. Default: 4 GiB.
+    pub host_budget: u64,
+    /// Page-lock host arenas when CUDA is in use. Default: true.
+    pub pin_host: bool,
+    /// The NVMe tier, if any. Default: none.
+    pub nvme: Option<NvmeConfig>,
+    /// Preferred size of one arena (the unit in which tiers grow). Default: 256 MiB.
+    pub arena_bytes: usize,
+}
+
+impl Default for TiersConfig {
+    fn default() -> Self {
+        TiersConfig {
+            device: DeviceConfig::default(),
+            host_budget: 4 << 30,
+            pin_host: true,
+            nvme: None,
+            arena_bytes: 256 << 20,
+        }
+    }
+}
+
+impl TiersConfig {
+    pub fn with_device(mut self, choice: DeviceChoice, budget: u64) -> Self {
+        self.device.choice = choice;
+        self.device.budget = budget;
+        self
+    }
+    pub fn with_sim_bandwidth(mut self, bytes_per_s: f64) -> Self {
+        self.device.sim_bytes_per_s = Some(bytes_per_s);
+        self
+    }
+    pub fn with_host_budget(mut self, bytes: u64) -> Self {
+        self.host_budget = bytes;
+        self
+    }
+    pub fn with_nvme(mut self, nvme: NvmeConfig) -> Self {
+        self.nvme = Some(nvme);
+        self
+    }
+    pub fn with_arena_bytes(mut self, bytes: usize) -> Self {
+        self.arena_bytes = bytes;
+        self
+    }
+}
+
+/// The engines that carry out moves; shared with in-flight callbacks (staged moves start their
+/// second hop from the first hop's completion).
+struct Movers {
+    host: Arc<Pool>,
+    cuda: Option<Cuda>,
+    nvme: Option<Arc<Nvme>>,
+    /// Simulated device: host to device, device to host, and everything else host-side.
+    h2d: Lane,
+    d2h: Lane,
+    local: Lane,
+}
+
+/// Where a slot's bytes are, as a move sees them.
+#[derive(Clone, Copy)]
+enum Loc {
+    /// CPU-addressable memory of the host tier.
+    Host(*mut u8),
+    /// CPU-addressable memory of the simulated device.
+    SimDevice(*mut u8),
+    Cuda(u64),
+    Nvme { arena: u32, offset: u64 },
+}
+
+// SAFETY: a Loc is only used by the move that owns the slot it points into.
+unsafe impl Send for Loc {}
+
+/// The tiers of one process: pools, engines and moves.
+pub struct Tiers {
+    device: Option<Arc<Pool>>,
+    device_kind: Option<DeviceKind>,
+    nvme_pool: Option<Arc<Pool>>,
+    movers: Arc<Movers>,
+    align: usize,
+    notes: Vec<String>,
+}
+
+impl Tiers {
+    pub fn new(cfg: TiersConfig) -> Result<Self> {
+        let mut notes = Vec::new();
+        let cuda = match cfg.device.choice {
+            DeviceChoice::Cuda => Some(Cuda::probe(cfg.device.ordinal)?),
+            DeviceChoice::Auto => match Cuda::probe(cfg.device.ordinal) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    notes.push(format!("{e}; using the simulated device"));
+                    None
+                }
+            },
+            DeviceChoice::Simulated | DeviceChoice::None => None,
+        };
+        let nvme = cfg.nvme.as_ref().map(Nvme::open).transpose()?;
+        if let Some(n) = &nvme {
+            notes.extend(n.notes().iter().cloned());
+        }
+        let align = page_size().max(nvme.as_ref().map_or(1, |n| n.align()));
+        let mut hooks: Vec<Arc<dyn HostArenaHook>> = Vec::new();
+        if let (Some(c), true) = (&cuda, cfg.pin_host) {
+            hooks.push(Arc::new(CudaPinner(c.clone())));
+        }
+        if let Some(n) = &nvme {
+            hooks.push(Arc::new(RegisterHook(n.engine().clone())));
+        }
+        let host = Pool::new(
+            Tier::Host,
+            cfg.host_budget,
+            cfg.arena_bytes,
+            Box::new(HostArenas::new(Tier::Host, align, hooks)),
+        );
+        let (device, device_kind) = match (&cuda, cfg.device.choice) {
+            (_, DeviceChoice::None) => (None, None),
+            (Some(c), _) => (
+                Some(Pool::new(Tier::Device, cfg.device.budget, cfg.arena_bytes, Box::new(CudaArenas(c.clone())))),
+                Some(DeviceKind::Cuda),
+            ),
+            (None, _) => (
+                Some(Pool::new(
+                    Tier::Device,
+                    cfg.device.budget,
+                    cfg.arena_bytes,
+                    Box::new(HostArenas::new(Tier::Device, align, Vec::new())),
+                )),
+                Some(DeviceKind::Simulated),
+            ),
+        };
+        let nvme_pool = nvme.as_ref().map(|n| {
+            let budget = cfg.nvme.as_ref().map_or(0, |c| c.budget);
+            Pool::new(Tier::Nvme, budget, cfg.arena_bytes, Box::new(NvmeArenas(n.clone())))
+        });
+        let bw = cfg.device.sim_bytes_per_s;
+        let movers = Arc::new(Movers {
+            host,
+            cuda,
+            nvme,
+            h2d: Lane::new("sim-h2d", bw),
+            d2h: Lane::new("sim-d2h", bw),
+            local: Lane::new("memcpy", None),
+        });
+        Ok(Tiers {
+            device,
+            device_kind,
+            nvme_pool,
+            movers,
+            align,
+            notes,
+        })
+    }
+
+    /// Slot sizes must be multiples of this (the page size, or the disk's direct-I/O alignment
+    /// if larger).
+    pub fn slot_align(&self) -> usize {
+        self.align
+    }
+
+    /// What backs the device tier, if there is one.
+    pub fn device_kind(&self) -> Option<DeviceKind> {
+        self.device_kind
+    }
+
+    /// The GPU in use, if any.
+    pub fn cuda_info(&self) -> Option<CudaInfo> {
+        self.movers.cuda.as_ref().map(|c| c.info().clone())
+    }
+
+    /// The NVMe engine in use (after any fallback), whether it uses O_DIRECT, and its directory.
+    pub fn nvme_engine(&self) -> Option<(EngineKind, bool, PathBuf)> {
+        self.movers
+            .nvme
+            .as_ref()
+            .map(|n| (n.engine_kind(), n.is_direct(), n.dir().to_owned()))
+    }
+
+    /// Bytes written to and read from NVMe so far (completed and verified).
+    pub fn nvme_bytes_moved(&self) -> (u64, u64) {
+        self.movers.nvme.as_ref().map_or((0, 0), |n| n.bytes_moved())
+    }
+
+    /// Fallbacks taken while setting up, with their reasons.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Whether `tier` exists in this configuration.
+    pub fn has(&self, tier: Tier) -> bool {
+        self.pool(tier).is_some()
+    }
+
+    fn pool(&self, tier: Tier) -> Option<&Arc<Pool>> {
+        match tier {
+            Tier::Device => self.device.as_ref(),
+            Tier::Host => Some(&self.movers.host),
+            Tier::Nvme => self.nvme_pool.as_ref(),
+        }
+    }
+
+    fn pool_or_err(&self, tier: Tier) -> Result<&Arc<Pool>> {
+        self.pool(tier)
+            .ok_or_else(|| Error::unsupported(format!("the {tier} tier"), "it is not configured"))
+    }
+
+    /// Takes a slot of `bytes` (a multiple of [`Tiers::slot_align`]) in `tier`.
+    pub fn alloc(&self, tier: Tier, bytes: usize) -> Result<Slot> {
+        if bytes == 0 || bytes % self.align != 0 {
+            return Err(Error::unsupported(
+                format!("a slot of {bytes} bytes"),
+                format!("slot sizes must be non-zero multiples of {} bytes (round the chunk size up)", self.align),
+            ));
+        }
+        self.pool_or_err(tier)?.alloc(bytes, false)
+    }
+
+    /// Accounting of `tier`, if it exists.
+    pub fn stats(&self, tier: Tier) -> Option<TierStats> {
+        self.pool(tier).map(|p| p.stats())
+    }
+
+    /// Gives back every arena of every tier that has no slot in use; returns the bytes freed.
+    pub fn shrink(&self) -> u64 {
+        Tier::ALL.iter().filter_map(|t| self.pool(*t)).map(|p| p.shrink()).sum()
+    }
+
+    /// Path of the swap file behind an NVMe slot (for diagnostics and tests).
+    pub fn nvme_path(&self, slot: &Slot) -> Option<PathBuf> {
+        if slot.tier() != Tier::Nvme {
+            return None;
+        }
+        self.movers.nvme.as_ref()?.path_of(slot.arena())
+    }
+
+    /// Copies `src` into `dst` asynchronously. Both slots belong to the move until its
+    /// completion; `wait` hands them back (`src` unchanged, `dst` holding the data). `chunk`
+    /// names the data in checksums and errors.
+    pub fn copy(&self, chunk: ChunkId, src: Slot, dst: Slot) -> Transfer {
+        let (op, transfer) = Op::new(chunk, src, dst);
+        if let Err(e) = self.check(&op) {
+            op.finish(Err(e));
+            return transfer;
+        }
+        self.movers.clone().start(op);
+        transfer
+    }
+
+    fn check(&self, op: &Op) -> Result<()> {
+        let (src, dst) = op.slots();
+        if src.len() != dst.len() {
+            return Err(Error::unsupported(
+                format!("moving a {}-byte slot into a {}-byte slot", src.len(), dst.len()),
+                "source and destination slots must be the same size",
+            ));
+        }
+        for s in [src, dst] {
+            let ours = self.pool(s.tier()).is_some_and(|p| Arc::ptr_eq(p, s.pool()));
+            if !ours {
+                return Err(Error::unsupported(
+                    format!("moving a {} slot", s.tier()),
+                    "the slot belongs to another Tiers instance",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Movers {
+    fn loc(&self, slot: &Slot) -> Loc {
+        let ptr = slot.addr() as *mut u8;
+        match slot.tier() {
+            Tier::Host => Loc::Host(ptr),
+            Tier::Device if self.cuda.is_some() => Loc::Cuda(slot.addr()),
+            Tier::Device => Loc::SimDevice(ptr),
+            Tier::Nvme => Loc::Nvme {
+                arena: slot.arena(),
+                offset: slot.addr(),
+            },
+        }
+    }
+
+    fn start(self: Arc<Self>, op: Op) {
+        let (src, dst) = op.slots();
+        let (from, to, len, chunk) = (self.loc(src), self.loc(dst), src.len(), op.chunk());
+        if !self.direct(from, to) {
+            return self.start_staged(op, from, to, len);
+        }
+        let done: Done = Box::new(move |r| op.finish(r));
+        // SAFETY: `op`, captured by `done`, owns both slots until `done` runs, so both buffers
+        // stay valid and untouched by anyone else for the whole hop.
+        unsafe { self.hop(chunk, from, to, len, done) };
+    }
+
+    fn direct(&self, from: Loc, to: Loc) -> bool {
+        use Loc::*;
+        matches!(
+            (from, to),
+            (Host(_) | SimDevice(_), Host(_) | SimDevice(_))
+                | (Host(_), Cuda(_))
+                | (Cuda(_), Host(_) | Cuda(_))
+                | (Host(_), Nvme { .. })
+                | (Nvme { .. }, Host(_))
+        )
+    }
+
+    /// Two hops through a host staging slot, charged to the host budget while the move lasts.
+    fn start_staged(self: Arc<Self>, op: Op, from: Loc, to: Loc, len: usize) {
+        let staging = match self.host.alloc(len, true) {
+            Ok(s) => s,
+            Err(e) => return op.finish(Err(e)),
+        };
+        let mid = Loc::Host(staging.addr() as *mut u8);
+        let chunk = op.chunk();
+        let me = self.clone();
+        let first: Done = Box::new(move |r| match r {
+            Err(e) => {
+                drop(staging);
+                op.finish(Err(e));
+            }
+            Ok(()) => {
+                let second: Done = Box::new(move |r| {
+                    drop(staging);
+                    op.finish(r);
+                });
+                // SAFETY: `op` owns the destination and `staging` is owned by the callback,
+                // both until `second` runs.
+                unsafe { me.hop(chunk, mid, to, len, second) };
+            }
+        });
+        // SAFETY: `op` (owning the source) and `staging` live in `first` until it runs.
+        unsafe { self.hop(chunk, from, mid, len, first) };
+    }
+
+    /// One direct hop.
+    ///
+    /// # Safety
+    /// Both locations must be valid for `len` bytes and reserved for this hop until `done` runs.
+    unsafe fn hop(&self, chunk: ChunkId, from: Loc, to: Loc, len: usize, done: Done) {
+        use Loc::*;
+        // SAFETY (all arms): forwarded from this function's contract.
+        unsafe {
+            match (from, to, &self.cuda, &self.nvme) {
+                (Host(s), SimDevice(d), ..) => self.h2d.copy(s, d, len, done),
+                (SimDevice(s), Host(d), ..) => self.d2h.copy(s, d, len, done),
+                (Host(s) | SimDevice(s), Host(d) | SimDevice(d), ..) => self.local.copy(s, d, len, done),
+                (Host(s), Cuda(d), Some(c), _) => c.copy_h2d(s, d, len, done),
+                (Cuda(s), Host(d), Some(c), _) => c.copy_d2h(s, d, len, done),
+                (Cuda(s), Cuda(d), Some(c), _) => c.copy_d2d(s, d, len, done),
+                (Host(s), Nvme { arena, offset }, _, Some(n)) => n.write(chunk, s, len, arena, offset, done),
+                (Nvme { arena, offset }, Host(d), _, Some(n)) => n.read(chunk, arena, offset, d, len, done),
+                _ => done(Err(Error::InvalidState("no direct path between these tiers".into()))),
+            }
+        }
+    }
+}

@@ -404,7 +404,8 @@ impl Movers {
     /// Both locations must be valid for `len` bytes and reserved for this hop until `done` runs.
     unsafe fn hop(&self, chunk: ChunkId, from: Loc, to: Loc, len: usize, done: Done) {
         use Loc::*;
-        // SAFETY (all arms): forwarded from this function's contract.
+        // SAFETY: every arm forwards this function's contract (both locations valid and reserved
+        // until `done` runs) to a callee with the same contract.
         unsafe {
             match (from, to, &self.cuda, &self.nvme) {
                 (Host(s), SimDevice(d), ..) => self.h2d.copy(s, d, len, done),

@@ -176,7 +176,6 @@ impl CopyStream {
                 // Events complete in stream order, so waiting on each in turn loses nothing.
                 for (ev, done) in rx {
                     let r = bound
-                        .clone()
                         // SAFETY: `ev` was created and recorded by `complete` and is destroyed
                         // only here, after the wait.
                         .and_then(|()| unsafe { result::event::synchronize(ev.0) })

@@ -1,0 +1,77 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use stowage_memory::{ChunkId, DeviceChoice, EngineKind, NvmeConfig, Slot, Tier, Tiers, TiersConfig};
+
+pub const SLOT: usize = 64 * 1024;
+
+/// A directory on a real disk (O_DIRECT needs one; tmpfs refuses it). `STOWAGE_TEST_DIR`
+/// overrides the default under the system temp directory.
+pub fn scratch() -> tempfile::TempDir {
+    let base = std::env::var_os("STOWAGE_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new().prefix("stowage-test").tempdir_in(base).unwrap()
+}
+
+/// Tiers with a simulated device, a host tier and an NVMe tier, each with room for `slots`.
+pub fn tiers(dir: &std::path::Path, engine: EngineKind, slots: u64) -> Tiers {
+    tiers_with(dir, NvmeConfig::new(dir).with_engine(engine), slots)
+}
+
+pub fn tiers_with(dir: &std::path::Path, nvme: NvmeConfig, slots: u64) -> Tiers {
+    let _ = dir;
+    let bytes = slots * SLOT as u64;
+    Tiers::new(
+        TiersConfig::default()
+            .with_device(DeviceChoice::Simulated, bytes)
+            .with_host_budget(bytes)
+            .with_arena_bytes(8 * SLOT)
+            .with_nvme(nvme.with_budget(bytes).with_segment_bytes(16 * 1024)),
+    )
+    .expect("tiers")
+}
+
+/// Deterministic pseudo-random bytes for `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A host slot holding `data`.
+pub fn host_with(tiers: &Tiers, data: &[u8]) -> Slot {
+    let mut s = tiers.alloc(Tier::Host, data.len()).unwrap();
+    s.bytes_mut().unwrap().copy_from_slice(data);
+    s
+}
+
+/// Places `data` in a new slot of `tier`.
+pub fn place(tiers: &Tiers, chunk: ChunkId, tier: Tier, data: &[u8]) -> Slot {
+    let src = host_with(tiers, data);
+    if tier == Tier::Host {
+        return src;
+    }
+    let dst = tiers.alloc(tier, data.len()).unwrap();
+    let (_, dst) = tiers.copy(chunk, src, dst).wait().expect("placing a chunk");
+    dst
+}
+
+/// Reads a slot's bytes back through the host tier; hands the slot back.
+pub fn read_back(tiers: &Tiers, chunk: ChunkId, slot: Slot) -> stowage_memory::Result<(Vec<u8>, Slot)> {
+    if let Some(b) = slot.bytes() {
+        if slot.tier() == Tier::Host {
+            return Ok((b.to_vec(), slot));
+        }
+    }
+    let host = tiers.alloc(Tier::Host, slot.len())?;
+    let (slot, host) = tiers.copy(chunk, slot, host).wait()?;
+    Ok((host.bytes().unwrap().to_vec(), slot))
+}

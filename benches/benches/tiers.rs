@@ -45,6 +45,10 @@ struct Args {
     /// Engines to measure.
     #[arg(long, value_delimiter = ',', default_values_t = ["uring".to_string(), "psync".into(), "mmap".into()])]
     engines: Vec<String>,
+    /// Extra arguments for the fio script after DIR (`BLOCK DEPTH SIZE`, e.g. "4M 32" to match
+    /// our queue depth); default: the script's own (4M, depth 8, 2G).
+    #[arg(long, default_value = "")]
+    fio_args: String,
     /// Anchor pairs (fio, then our io_uring engine) to run when `--fio` is given.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -236,7 +240,7 @@ fn main() {
     let anchor = args.fio.as_ref().map(|script| {
         let mut pairs = Vec::new();
         for _ in 0..args.repeat {
-            let fio = run_fio_anchor(script, &args.dir);
+            let fio = run_fio_anchor(script, &args.dir, &args.fio_args);
             let (w, r, _) = nvme(&args, EngineKind::Uring, top);
             println!("anchor pair: fio {fio} / uring write {w:.3} read {r:.3}");
             pairs.push(json!({"fio": fio, "uring_write_gib_s": w, "uring_read_gib_s": r}));
@@ -251,6 +255,7 @@ fn main() {
         };
         json!({
             "script": script,
+            "script_args": args.fio_args,
             "pairs": pairs,
             "median_write_ratio": median_ratio("uring_write_gib_s", "write_gib_s"),
             "median_read_ratio": median_ratio("uring_read_gib_s", "read_gib_s"),

@@ -22,10 +22,10 @@ pub fn fill_pattern(buf: &mut [u8], seed: u64) {
     }
 }
 
-/// Runs the fio anchor script (`fio_seq.sh DIR`) and parses `write_gib_s=x read_gib_s=y`.
+/// Runs the fio anchor script (`fio_seq.sh DIR [extra...]`) and parses `write_gib_s=x read_gib_s=y`.
 /// Returns `{"write_gib_s", "read_gib_s"}`, or `{"error"}` when it could not run.
-pub fn run_fio_anchor(script: &Path, dir: &Path) -> Value {
-    let out = match Command::new("bash").arg(script).arg(dir).output() {
+pub fn run_fio_anchor(script: &Path, dir: &Path, extra: &str) -> Value {
+    let out = match Command::new("bash").arg(script).arg(dir).args(extra.split_whitespace()).output() {
         Ok(o) => o,
         Err(e) => return json!({"error": format!("running {}: {e}", script.display())}),
     };

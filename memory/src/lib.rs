@@ -30,7 +30,7 @@ mod util;
 
 pub use error::{Error, IoOp, Result};
 pub use host::page_size;
-pub use nvme::engine::{EngineKind, Fault, FaultInjector, IoKind};
+pub use nvme::engine::{EngineCounters, EngineKind, Fault, FaultInjector, IoKind};
 pub use nvme::NvmeConfig;
 pub use pool::Slot;
 pub use tier::{ChunkId, DeviceKind, Tier, TierStats};

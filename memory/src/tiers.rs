@@ -15,7 +15,7 @@ use crate::device::CudaInfo;
 use crate::error::{Error, Result};
 use crate::host::{page_size, HostArenaHook, HostArenas};
 use crate::lane::{Done, Lane};
-use crate::nvme::engine::{EngineKind, RegisterHook};
+use crate::nvme::engine::{EngineCounters, EngineKind, RegisterHook};
 use crate::nvme::{Nvme, NvmeArenas, NvmeConfig};
 use crate::pool::{Pool, Slot};
 use crate::tier::{ChunkId, DeviceKind, Tier, TierStats};
@@ -239,6 +239,11 @@ impl Tiers {
             .nvme
             .as_ref()
             .map(|n| (n.engine_kind(), n.is_direct(), n.dir().to_owned()))
+    }
+
+    /// Requests the NVMe engine has submitted, by buffer kind (registered or not).
+    pub fn nvme_engine_counters(&self) -> Option<EngineCounters> {
+        self.movers.nvme.as_ref().map(|n| n.engine().counters())
     }
 
     /// Bytes written to and read from NVMe so far (completed and verified).

@@ -166,3 +166,62 @@ fn a_slot_is_read_only_as_the_chunk_written_into_it() {
     let never_written = t.alloc(Tier::Nvme, SLOT).unwrap();
     assert!(read_back(&t, ChunkId(3), never_written).is_err());
 }
+
+/// A 1 MiB tmpfs, unmounted on drop; `None` (with the reason printed) where mounting is not
+/// permitted.
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn mount() -> Option<Self> {
+        let dir = scratch();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallFs(dir)),
+            Ok(o) => {
+                eprintln!("skipping the real full-disk test: mount refused: {}", String::from_utf8_lossy(&o.stderr).trim());
+                None
+            }
+            Err(e) => {
+                eprintln!("skipping the real full-disk test: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_really_full_disk_refuses_new_swap_space_with_no_space() {
+    let Some(fs) = SmallFs::mount() else { return };
+    let dir = fs.0.path();
+    let t = stowage_memory::Tiers::new(
+        stowage_memory::TiersConfig::default()
+            .with_device(stowage_memory::DeviceChoice::Simulated, 64 * SLOT as u64)
+            .with_host_budget(64 * SLOT as u64)
+            .with_arena_bytes(12 * SLOT)
+            .with_nvme(NvmeConfig::new(dir).with_budget(64 * SLOT as u64)),
+    )
+    .unwrap();
+    let kept: Vec<(u64, Slot)> = (0..12u64).map(|i| (i, place(&t, ChunkId(i), Tier::Nvme, &pattern(i, SLOT)))).collect();
+    let before = t.stats(Tier::Nvme).unwrap();
+    let e = t.alloc(Tier::Nvme, SLOT).unwrap_err();
+    match &e {
+        Error::NoSpace { path } => assert!(path.starts_with(dir), "names the file: {}", path.display()),
+        e => panic!("expected NoSpace, got {e}"),
+    }
+    assert_eq!(t.stats(Tier::Nvme).unwrap(), before, "nothing else disturbed");
+    let leftovers = std::fs::read_dir(dir).unwrap().count();
+    assert_eq!(leftovers, 1, "the half-made swap file was removed");
+    for (i, slot) in kept {
+        let (got, _) = read_back(&t, ChunkId(i), slot).unwrap();
+        assert!(got == pattern(i, SLOT), "chunk {i} still reads correctly");
+    }
+}

@@ -204,3 +204,53 @@ fn the_engine_in_use_is_reported_and_fallbacks_are_explained() {
         eprintln!("asked {engine}: using {used}, O_DIRECT {direct}");
     }
 }
+
+#[test]
+fn io_uring_uses_registered_host_buffers_where_allowed() {
+    let dir = scratch();
+    let t = tiers(dir.path(), EngineKind::Uring, 8);
+    if t.nvme_engine().unwrap().0 != EngineKind::Uring {
+        eprintln!("skipping: io_uring unavailable here: {:?}", t.notes());
+        return;
+    }
+    let disk = place(&t, ChunkId(1), Tier::Nvme, &pattern(1, SLOT));
+    let (got, _) = read_back(&t, ChunkId(1), disk).unwrap();
+    assert!(got == pattern(1, SLOT));
+    let c = t.nvme_engine_counters().unwrap();
+    assert!(c.fixed + c.plain >= 2, "{c:?}");
+    // Registration needs memlock headroom (or CAP_IPC_LOCK); without it plain I/O is used.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root || limit.rlim_cur >= (8 * SLOT) as u64 {
+        assert!(c.fixed > 0 && c.plain == 0, "host arenas should be registered: {c:?}");
+    } else {
+        eprintln!("memlock limit {} too small to register buffers: {c:?}", limit.rlim_cur);
+    }
+}
+
+#[test]
+fn the_simulated_device_paces_copies_to_its_bandwidth() {
+    let bw = 32.0 * 1024.0 * 1024.0; // 32 MiB/s: a 64 KiB slot takes about 2 ms.
+    let t = Tiers::new(
+        stowage_memory::TiersConfig::default()
+            .with_device(stowage_memory::DeviceChoice::Simulated, 16 * SLOT as u64)
+            .with_sim_bandwidth(bw)
+            .with_host_budget(16 * SLOT as u64),
+    )
+    .unwrap();
+    let n = 8;
+    let start = std::time::Instant::now();
+    let moves: Vec<_> = (0..n)
+        .map(|i| t.copy(ChunkId(i), host_with(&t, &pattern(i, SLOT)), t.alloc(Tier::Device, SLOT).unwrap()))
+        .collect();
+    for (i, m) in moves.into_iter().enumerate() {
+        let (_, dev) = m.wait().unwrap();
+        assert!(read_back(&t, ChunkId(i as u64), dev).unwrap().0 == pattern(i as u64, SLOT));
+    }
+    let floor = (n as usize * SLOT) as f64 / bw;
+    let took = start.elapsed().as_secs_f64();
+    assert!(took >= 0.9 * floor, "{n} paced copies took {took:.4}s, less than the {floor:.4}s the bandwidth allows");
+}

@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{EngineKind, IoEngine, IoKind, IoRequest};
+use super::{EngineCounters, EngineKind, IoEngine, IoKind, IoRequest};
 
 /// One planned fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,5 +115,9 @@ impl IoEngine for FaultyEngine {
 
     fn unregister_buffer(&self, ptr: *mut u8, len: usize) {
         self.inner.unregister_buffer(ptr, len)
+    }
+
+    fn counters(&self) -> EngineCounters {
+        self.inner.counters()
     }
 }

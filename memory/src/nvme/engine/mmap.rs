@@ -6,7 +6,7 @@ use std::io;
 use std::sync::Arc;
 
 use super::workers::{BlockingIo, Workers};
-use super::{EngineKind, IoEngine, IoKind, IoRequest};
+use super::{EngineCounters, EngineKind, IoEngine, IoKind, IoRequest};
 
 struct Mmap;
 
@@ -47,5 +47,8 @@ impl IoEngine for MmapEngine {
     }
     fn submit(&self, reqs: Vec<IoRequest>) {
         self.0.submit(reqs)
+    }
+    fn counters(&self) -> EngineCounters {
+        self.0.counters()
     }
 }

@@ -73,6 +73,15 @@ pub(crate) struct IoRequest {
     pub done: IoDone,
 }
 
+/// Requests an engine has submitted, by kind of buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineCounters {
+    /// Requests using a registered (fixed) buffer.
+    pub fixed: u64,
+    /// Requests using an ordinary buffer.
+    pub plain: u64,
+}
+
 /// What every engine provides.
 pub(crate) trait IoEngine: Send + Sync {
     fn kind(&self) -> EngineKind;
@@ -82,6 +91,8 @@ pub(crate) trait IoEngine: Send + Sync {
     fn register_buffer(&self, _ptr: *mut u8, _len: usize) {}
     /// The region is about to be freed.
     fn unregister_buffer(&self, _ptr: *mut u8, _len: usize) {}
+    /// Requests submitted so far.
+    fn counters(&self) -> EngineCounters;
 }
 
 /// Adapts an engine to the host pool's arena notifications, for buffer registration.

@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::workers::{BlockingIo, Workers};
-use super::{EngineKind, IoEngine, IoKind, IoRequest};
+use super::{EngineCounters, EngineKind, IoEngine, IoKind, IoRequest};
 
 struct Psync;
 
@@ -42,5 +42,8 @@ impl IoEngine for PsyncEngine {
     }
     fn submit(&self, reqs: Vec<IoRequest>) {
         self.0.submit(reqs)
+    }
+    fn counters(&self) -> EngineCounters {
+        self.0.counters()
     }
 }

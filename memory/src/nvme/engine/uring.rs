@@ -7,12 +7,14 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use io_uring::{opcode, types, IoUring};
 
-use super::{EngineKind, IoEngine, IoKind, IoRequest};
+use super::{EngineCounters, EngineKind, IoEngine, IoKind, IoRequest};
 use crate::lane::SendPtr;
 use crate::util::join_unless_self;
 
@@ -32,6 +34,14 @@ pub(crate) struct UringEngine {
     tx: Option<Sender<Msg>>,
     wake: OwnedFd,
     reactor: Option<JoinHandle<()>>,
+    counts: Arc<Counts>,
+}
+
+/// Submissions by buffer kind, written by the reactor.
+#[derive(Default)]
+struct Counts {
+    fixed: AtomicU64,
+    plain: AtomicU64,
 }
 
 impl UringEngine {
@@ -56,13 +66,16 @@ impl UringEngine {
         let wake = unsafe { OwnedFd::from_raw_fd(efd) };
         let (tx, rx) = crossbeam_channel::unbounded();
         let wake_fd = wake.as_raw_fd();
+        let counts = Arc::new(Counts::default());
+        let reactor_counts = counts.clone();
         let reactor = std::thread::Builder::new()
             .name("stowage-uring".into())
-            .spawn(move || Reactor::new(ring, rx, wake_fd, depth as usize, fixed).run())?;
+            .spawn(move || Reactor::new(ring, rx, wake_fd, depth as usize, fixed, reactor_counts).run())?;
         Ok(UringEngine {
             tx: Some(tx),
             wake,
             reactor: Some(reactor),
+            counts,
         })
     }
 
@@ -98,6 +111,13 @@ impl IoEngine for UringEngine {
     fn unregister_buffer(&self, ptr: *mut u8, _len: usize) {
         self.send([Msg::Unregister(SendPtr(ptr))]);
     }
+
+    fn counters(&self) -> EngineCounters {
+        EngineCounters {
+            fixed: self.counts.fixed.load(Ordering::Relaxed),
+            plain: self.counts.plain.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Drop for UringEngine {
@@ -132,10 +152,11 @@ struct Reactor {
     in_flight: usize,
     pending: VecDeque<InFlight>,
     closing: bool,
+    counts: Arc<Counts>,
 }
 
 impl Reactor {
-    fn new(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize, fixed_ok: bool) -> Self {
+    fn new(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize, fixed_ok: bool, counts: Arc<Counts>) -> Self {
         Reactor {
             ring,
             rx,
@@ -150,6 +171,7 @@ impl Reactor {
             in_flight: 0,
             pending: VecDeque::new(),
             closing: false,
+            counts,
         }
     }
 
@@ -275,6 +297,8 @@ impl Reactor {
             }
             self.slab[id] = Some(op);
             self.in_flight += 1;
+            let counter = if fixed.is_some() { &self.counts.fixed } else { &self.counts.plain };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 

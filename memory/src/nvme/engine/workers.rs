@@ -1,12 +1,13 @@
 //! A pool of threads running blocking I/O calls: the shared body of the psync and mmap engines.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
 
-use super::IoRequest;
+use super::{EngineCounters, IoRequest};
 use crate::util::join_unless_self;
 
 /// A blocking implementation of one request.
@@ -17,6 +18,7 @@ pub(crate) trait BlockingIo: Send + Sync + 'static {
 pub(crate) struct Workers {
     tx: Option<Sender<IoRequest>>,
     threads: Vec<JoinHandle<()>>,
+    submitted: AtomicU64,
 }
 
 impl Workers {
@@ -40,14 +42,25 @@ impl Workers {
         Ok(Workers {
             tx: Some(tx),
             threads: handles,
+            submitted: AtomicU64::new(0),
         })
     }
 
     pub(crate) fn submit(&self, reqs: Vec<IoRequest>) {
         let tx = self.tx.as_ref().expect("sender lives until drop");
+        self.submitted.fetch_add(reqs.len() as u64, Ordering::Relaxed);
         for r in reqs {
             // Workers exit only after the sender is dropped, so this cannot fail.
             let _ = tx.send(r);
+        }
+    }
+}
+
+impl Workers {
+    pub(crate) fn counters(&self) -> EngineCounters {
+        EngineCounters {
+            fixed: 0,
+            plain: self.submitted.load(Ordering::Relaxed),
         }
     }
 }

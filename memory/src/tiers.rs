@@ -285,6 +285,12 @@ impl Tiers {
         self.pool_or_err(tier)?.alloc(bytes, false)
     }
 
+    /// Whether a slot of `bytes` in `tier` can be allocated now without evicting anything
+    /// (slots of other sizes can hold arenas the budget would need).
+    pub fn can_alloc(&self, tier: Tier, bytes: usize) -> bool {
+        self.pool(tier).is_some_and(|p| p.can_alloc(bytes))
+    }
+
     /// Accounting of `tier`, if it exists.
     pub fn stats(&self, tier: Tier) -> Option<TierStats> {
         self.pool(tier).map(|p| p.stats())

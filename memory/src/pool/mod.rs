@@ -170,6 +170,23 @@ impl Pool {
         }
     }
 
+    /// Whether `alloc(slot_bytes)` would succeed now: a free slot of that size, room left in the
+    /// budget, or room that giving back wholly idle arenas of other sizes would make.
+    pub(crate) fn can_alloc(&self, slot_bytes: usize) -> bool {
+        let st = self.lock();
+        if st.free.get(&slot_bytes).is_some_and(|f| !f.is_empty()) {
+            return true;
+        }
+        let idle: u64 = st
+            .arenas
+            .iter()
+            .flatten()
+            .filter(|a| a.slot_bytes != slot_bytes && a.free_slots * a.slot_bytes == a.bytes)
+            .map(|a| a.bytes as u64)
+            .sum();
+        self.budget - st.reserved + idle >= slot_bytes as u64
+    }
+
     /// Gives back every arena with no slot in use. Returns the bytes released.
     pub(crate) fn shrink(&self) -> u64 {
         let mut st = self.lock();

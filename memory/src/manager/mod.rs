@@ -1,0 +1,631 @@
+//! The chunk manager: the API trainers embed.
+//!
+//! Register tensors in first-use order (`ManagerBuilder`), then `access` the chunks an operation
+//! needs: the returned [`Access`] guard keeps them on the compute tier (the device) until it is
+//! dropped and exposes their addresses and typed slices. Behind it, a placement policy decides
+//! what to evict and what to prefetch, and the tiers' engines move chunks asynchronously so
+//! prefetches overlap compute. Thread-safe: one lock guards the store; waits happen outside it.
+
+pub mod layout;
+pub mod policy;
+pub mod sim;
+pub mod state;
+mod store;
+pub mod trace;
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::tier::{ChunkId, Tier};
+use crate::tiers::{Tiers, TiersConfig};
+use layout::{ChunkSize, DType, GroupLayout, Role};
+use policy::PolicyKind;
+use state::TensorState;
+use store::{Chunk, MoveKind, Store, Waited};
+use trace::{ManagerStats, Tracer};
+
+/// Settings of a manager.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManagerConfig {
+    pub tiers: TiersConfig,
+    /// Default: `Auto`.
+    pub policy: PolicyKind,
+    /// Default: search 1M..64M elements in 1M steps.
+    pub chunk_size: ChunkSize,
+    /// Accesses ahead the prefetcher looks (bounded further by the budget). 0 disables
+    /// prefetching. Default: 256.
+    pub prefetch_depth: usize,
+    /// Record a timeline for `chrome_trace`. Default: false.
+    pub trace: bool,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            tiers: TiersConfig::default(),
+            policy: PolicyKind::Auto,
+            chunk_size: ChunkSize::Search {
+                min: 1 << 20,
+                max: 64 << 20,
+                step: 1 << 20,
+            },
+            prefetch_depth: 256,
+            trace: false,
+        }
+    }
+}
+
+/// A registered tensor: group and index within the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TensorId {
+    pub group: usize,
+    pub index: usize,
+}
+
+/// One chunk: a group's chunk index in one role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub group: usize,
+    pub index: usize,
+    pub role: Role,
+}
+
+impl ChunkRef {
+    /// The chunk's id (in errors, traces and schedules).
+    pub fn id(self) -> ChunkId {
+        ChunkId(((self.group as u64) << 40) | ((self.index as u64) << 8) | self.role.index() as u64)
+    }
+}
+
+/// What an access will do to the chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Read,
+    /// The chunks change: lower copies become stale and are written back on eviction.
+    Write,
+}
+
+struct GroupSpec {
+    name: String,
+    roles: Vec<(Role, DType)>,
+    tensors: Vec<(String, Vec<usize>)>,
+}
+
+/// Registers groups and tensors, then builds the manager.
+pub struct ManagerBuilder {
+    cfg: ManagerConfig,
+    groups: Vec<GroupSpec>,
+}
+
+impl ManagerBuilder {
+    /// A group of tensors sharing one layout across `roles` (a model: its parameters, and
+    /// optionally gradients, masters and moments).
+    pub fn group(&mut self, name: &str, roles: &[(Role, DType)]) -> usize {
+        self.groups.push(GroupSpec {
+            name: name.into(),
+            roles: roles.to_vec(),
+            tensors: Vec::new(),
+        });
+        self.groups.len() - 1
+    }
+
+    /// Registers a tensor; call in first-use order.
+    pub fn tensor(&mut self, group: usize, name: &str, shape: &[usize]) -> TensorId {
+        let g = &mut self.groups[group];
+        g.tensors.push((name.into(), shape.to_vec()));
+        TensorId {
+            group,
+            index: g.tensors.len() - 1,
+        }
+    }
+
+    pub fn build(self) -> Result<Manager> {
+        let tiers = Tiers::new(self.cfg.tiers.clone())?;
+        let mut layouts = Vec::new();
+        let mut chunks = Vec::new();
+        let mut refs = Vec::new();
+        let mut order = Vec::new();
+        for (g, spec) in self.groups.iter().enumerate() {
+            let l = layout::plan(&spec.tensors, &spec.roles, self.cfg.chunk_size, tiers.slot_align())?;
+            for index in 0..l.chunk_sizes.len() {
+                for &(role, _) in &spec.roles {
+                    let r = ChunkRef { group: g, index, role };
+                    let bytes = l.chunk_bytes(index, role).expect("role of the group");
+                    order.push((r.id(), bytes as u64, role.is_optimizer_state()));
+                    chunks.push(Chunk::new(r.id(), bytes));
+                    refs.push(r);
+                }
+            }
+            layouts.push(l);
+        }
+        check_fits(&tiers, &order)?;
+        let by_id = chunks.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+        let states = layouts
+            .iter()
+            .map(|l| vec![[TensorState::Free; 5]; l.tensors.len()])
+            .collect();
+        let store = Store {
+            chunks,
+            by_id,
+            policy: policy::build(self.cfg.policy, &order),
+            clock: 0,
+            non_model: 0,
+            stats: ManagerStats::default(),
+            tracer: self.cfg.trace.then(Tracer::new),
+            prefetch_depth: self.cfg.prefetch_depth,
+        };
+        Ok(Manager {
+            tiers,
+            layouts,
+            names: self.groups.into_iter().map(|g| g.name).collect(),
+            refs,
+            inner: Mutex::new(Inner { store, states }),
+            cv: Condvar::new(),
+        })
+    }
+}
+
+/// Refuses a model that cannot fit in all tiers together, with the bytes per tier.
+fn check_fits(tiers: &Tiers, order: &[(ChunkId, u64, bool)]) -> Result<()> {
+    let need: u64 = order.iter().map(|c| c.1).sum();
+    let biggest = order.iter().map(|c| c.1).max().unwrap_or(0);
+    let cap = |t: Tier| tiers.stats(t).map_or(0, |s| s.capacity);
+    // Every chunk needs a home below the device, plus room to bring the largest one up.
+    let below = cap(Tier::Host) + cap(Tier::Nvme);
+    if need > below + cap(Tier::Device) || biggest > cap(Tier::Device) {
+        return Err(Error::unsupported(
+            format!("a model of {need} bytes in chunks (largest chunk {biggest} bytes)"),
+            format!(
+                "budgets are device {}, host {}, nvme {} bytes: raise them, add an NVMe tier, or use smaller chunks",
+                cap(Tier::Device),
+                cap(Tier::Host),
+                cap(Tier::Nvme)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+struct Inner {
+    store: Store,
+    /// Per group, per tensor, per role.
+    states: Vec<Vec<[TensorState; 5]>>,
+}
+
+/// The chunk manager.
+pub struct Manager {
+    tiers: Tiers,
+    layouts: Vec<GroupLayout>,
+    names: Vec<String>,
+    refs: Vec<ChunkRef>,
+    inner: Mutex<Inner>,
+    cv: Condvar,
+}
+
+impl Manager {
+    pub fn builder(cfg: ManagerConfig) -> ManagerBuilder {
+        ManagerBuilder { cfg, groups: Vec::new() }
+    }
+
+    pub fn tiers(&self) -> &Tiers {
+        &self.tiers
+    }
+
+    pub fn layout(&self, group: usize) -> &GroupLayout {
+        &self.layouts[group]
+    }
+
+    pub fn group_name(&self, group: usize) -> &str {
+        &self.names[group]
+    }
+
+    /// The chunk holding `tensor` in `role`.
+    pub fn chunk_of(&self, tensor: TensorId, role: Role) -> ChunkRef {
+        ChunkRef {
+            group: tensor.group,
+            index: self.layouts[tensor.group].tensors[tensor.index].placement.chunk,
+            role,
+        }
+    }
+
+    /// Every chunk of a group in `role`, in first-use order.
+    pub fn chunks(&self, group: usize, role: Role) -> Vec<ChunkRef> {
+        (0..self.layouts[group].chunk_sizes.len()).map(|index| ChunkRef { group, index, role }).collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn index(&self, inner: &Inner, r: ChunkRef) -> Result<usize> {
+        inner
+            .store
+            .by_id
+            .get(&r.id())
+            .copied()
+            .ok_or_else(|| Error::InvalidState(format!("no chunk {r:?} (is the role registered for this group?)")))
+    }
+
+    /// Declares the access order of one iteration (for the `optimal` policy); it repeats.
+    pub fn set_schedule(&self, schedule: &[ChunkRef]) {
+        let mut g = self.lock();
+        g.store.policy.set_schedule(schedule.iter().map(|r| r.id()).collect(), true);
+    }
+
+    /// Marks the end of an iteration (one pass over the schedule).
+    pub fn end_iteration(&self) {
+        self.lock().store.policy.on_iteration_end();
+    }
+
+    /// Reports the non-model bytes (activations, workspace) now in use on the device; chunks
+    /// get the device budget minus this (and, under `auto`, minus the traced peak).
+    pub fn set_non_model_bytes(&self, bytes: u64) {
+        let mut g = self.lock();
+        let s = &mut g.store;
+        s.non_model = bytes;
+        s.policy.on_non_model(bytes);
+        s.stats.device_non_model_bytes = bytes;
+        s.stats.device_non_model_peak = s.stats.device_non_model_peak.max(bytes);
+    }
+
+    /// Starts moving `chunks` towards the device without waiting (a hint; silently skips what
+    /// does not fit without evicting).
+    pub fn prefetch(&self, chunks: &[ChunkRef]) {
+        let mut g = self.lock();
+        g.store.reap();
+        for &r in chunks {
+            let Ok(i) = self.index(&g, r) else { continue };
+            let s = &mut g.store;
+            let c = &s.chunks[i];
+            if c.moving.is_some() || c.on(Tier::Device) {
+                continue;
+            }
+            let bytes = c.bytes as u64;
+            let fits = self.tiers.stats(Tier::Device).is_some_and(|st| st.used + bytes <= s.limit(&self.tiers, Tier::Device))
+                && self.tiers.can_alloc(Tier::Device, bytes as usize);
+            if let (true, Some(src)) = (fits, s.source(i)) {
+                let _ = s.start(&self.tiers, i, src, Tier::Device, MoveKind::Prefetch);
+            }
+        }
+    }
+
+    /// Brings `chunks` to the device and keeps them there until the guard is dropped.
+    pub fn access(&self, chunks: &[ChunkRef], mode: Mode) -> Result<Access<'_>> {
+        let mut g = self.lock();
+        let idx: Vec<usize> = chunks.iter().map(|&r| self.index(&g, r)).collect::<Result<_>>()?;
+        for (k, &i) in idx.iter().enumerate() {
+            if g.store.chunks[i].compute || idx[..k].contains(&i) {
+                return Err(Error::InvalidState(format!("chunk {:?} is already being accessed", chunks[k])));
+            }
+        }
+        let total: u64 = idx.iter().map(|&i| g.store.chunks[i].bytes as u64).sum();
+        let limit = g.store.limit(&self.tiers, Tier::Device);
+        if total > limit {
+            return Err(Error::OverBudget {
+                tier: Tier::Device,
+                requested: total,
+                capacity: limit,
+                in_use: self.tiers.stats(Tier::Device).map_or(0, |s| s.used),
+            });
+        }
+        let before = self.states_of(&g, chunks);
+        self.set_states(&mut g, chunks, TensorState::Compute)?;
+        for &i in &idx {
+            let s = &mut g.store;
+            s.clock += 1;
+            let id = s.chunks[i].id;
+            s.policy.on_access(id);
+            s.chunks[i].last_use = s.clock;
+            s.chunks[i].compute = true;
+        }
+        g.store.stats.accesses += 1;
+        let t0 = Instant::now();
+        let mut stalled = false;
+        let (mut g, r) = self.bring_up(g, &idx, &mut stalled);
+        if let Err(e) = r {
+            for &i in &idx {
+                g.store.chunks[i].compute = false;
+            }
+            self.restore_states(&mut g, chunks, &before);
+            self.cv.notify_all();
+            return Err(e);
+        }
+        let waited = t0.elapsed();
+        if stalled {
+            g.store.stats.stall_us += waited.as_micros() as u64;
+            if let Some(t) = g.store.tracer.as_mut() {
+                t.span("stall", "stall".into(), t0, waited);
+            }
+        } else {
+            g.store.stats.hits += 1;
+        }
+        g.store.prefetch(&self.tiers);
+        let addrs = idx
+            .iter()
+            .map(|&i| {
+                let slot = g.store.chunks[i].copies[0].as_ref().expect("brought up");
+                (slot.addr(), slot.len(), slot.bytes().is_some())
+            })
+            .collect();
+        Ok(Access {
+            mgr: self,
+            refs: chunks.to_vec(),
+            idx,
+            addrs,
+            mode,
+            after_backward: false,
+            started: Instant::now(),
+        })
+    }
+
+    /// Makes every chunk in `idx` valid on the device, waiting outside the lock.
+    fn bring_up<'a>(&'a self, mut g: MutexGuard<'a, Inner>, idx: &[usize], stalled: &mut bool) -> (MutexGuard<'a, Inner>, Result<()>) {
+        let mut pending: Vec<usize> = idx.to_vec();
+        while let Some(&i) = pending.first() {
+            g.store.reap();
+            if let Some(e) = g.store.chunks[i].error.take() {
+                return (g, Err(e));
+            }
+            let c = &g.store.chunks[i];
+            if c.on(Tier::Device) && c.moving.is_none() {
+                pending.remove(0);
+                continue;
+            }
+            *stalled = true;
+            if c.moving.is_some() {
+                g = self.wait(g, Some(i));
+                continue;
+            }
+            match self.start_fetch(&mut g.store, i, idx) {
+                Ok(true) => {}
+                Ok(false) => g = self.wait(g, None),
+                Err(e) => return (g, Err(e)),
+            }
+        }
+        (g, Ok(()))
+    }
+
+    /// One step towards fetching chunk `i`: `Ok(true)` once its move has started, `Ok(false)`
+    /// when room is still being made (wait for a move, then call again).
+    fn start_fetch(&self, s: &mut Store, i: usize, pinned: &[usize]) -> Result<bool> {
+        if s.materialise(&self.tiers, i)?.is_none() {
+            return Ok(false);
+        }
+        let Some(src) = s.source(i) else { return Ok(false) };
+        let bytes = s.chunks[i].bytes as u64;
+        if !s.room(&self.tiers, Tier::Device, bytes, pinned)? {
+            return Ok(false);
+        }
+        if src == Tier::Nvme && !s.room(&self.tiers, Tier::Host, bytes, pinned)? {
+            return Ok(false);
+        }
+        s.start(&self.tiers, i, src, Tier::Device, MoveKind::Fetch)?;
+        Ok(true)
+    }
+
+    /// Waits for one in-flight move (chunk `only`'s, or any) outside the lock.
+    fn wait<'a>(&'a self, mut g: MutexGuard<'a, Inner>, only: Option<usize>) -> MutexGuard<'a, Inner> {
+        match g.store.wait_one(only, None) {
+            Waited::Take(i, t) => {
+                drop(g);
+                let r = t.wait_timed();
+                let mut g = self.lock();
+                g.store.finish(i, r);
+                self.cv.notify_all();
+                g
+            }
+            // Another thread waits on it and will notify; the timeout bounds a missed wake-up.
+            Waited::Elsewhere => self
+                .cv
+                .wait_timeout(g, std::time::Duration::from_millis(5))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0),
+            Waited::Nothing => g,
+        }
+    }
+
+    fn states_of(&self, g: &Inner, chunks: &[ChunkRef]) -> Vec<TensorState> {
+        chunks
+            .iter()
+            .flat_map(|r| self.layouts[r.group].tensors_in(r.index).map(move |(t, _)| g.states[r.group][t][r.role.index()]))
+            .collect()
+    }
+
+    fn restore_states(&self, g: &mut Inner, chunks: &[ChunkRef], saved: &[TensorState]) {
+        let mut it = saved.iter();
+        for r in chunks {
+            for (t, _) in self.layouts[r.group].tensors_in(r.index) {
+                g.states[r.group][t][r.role.index()] = *it.next().expect("saved per tensor");
+            }
+        }
+    }
+
+    fn set_states(&self, g: &mut Inner, chunks: &[ChunkRef], to: TensorState) -> Result<()> {
+        // Check every transition first so a refused access changes nothing.
+        for r in chunks {
+            for (t, info) in self.layouts[r.group].tensors_in(r.index) {
+                let from = g.states[r.group][t][r.role.index()];
+                from.transition(to, &info.name)?;
+            }
+        }
+        for r in chunks {
+            for (t, _) in self.layouts[r.group].tensors_in(r.index) {
+                g.states[r.group][t][r.role.index()] = to;
+            }
+        }
+        Ok(())
+    }
+
+    /// The state of a tensor in a role.
+    pub fn tensor_state(&self, tensor: TensorId, role: Role) -> TensorState {
+        self.lock().states[tensor.group][tensor.index][role.index()]
+    }
+
+    /// Moves a tensor to a new state (e.g. `ReadyForUpdate` once its gradients are final).
+    pub fn transition(&self, tensor: TensorId, role: Role, to: TensorState) -> Result<()> {
+        let mut g = self.lock();
+        let name = &self.layouts[tensor.group].tensors[tensor.index].name;
+        let s = &mut g.states[tensor.group][tensor.index][role.index()];
+        *s = s.transition(to, name)?;
+        Ok(())
+    }
+
+    fn release(&self, a: &Access<'_>) {
+        let mut g = self.lock();
+        let to = if a.after_backward {
+            TensorState::HoldAfterBwd
+        } else {
+            TensorState::Hold
+        };
+        if let Err(e) = self.set_states(&mut g, &a.refs, to) {
+            log::error!("releasing an access: {e}");
+        }
+        for &i in &a.idx {
+            let c = &mut g.store.chunks[i];
+            c.compute = false;
+            if a.mode == Mode::Write {
+                c.valid = [true, false, false];
+            }
+        }
+        if let Some(t) = g.store.tracer.as_mut() {
+            t.span("compute", format!("{} chunks", a.idx.len()), a.started, a.started.elapsed());
+        }
+        g.store.reap();
+        g.store.prefetch(&self.tiers);
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    /// Counters, per-tier accounting included.
+    pub fn stats(&self) -> ManagerStats {
+        let mut g = self.lock();
+        g.store.reap();
+        let mut s = g.store.stats.clone();
+        s.device_model_bytes = g.store.chunks.iter().filter(|c| c.copies[0].is_some()).map(|c| c.bytes as u64).sum();
+        for t in Tier::ALL {
+            if let Some(st) = self.tiers.stats(t) {
+                s.tiers.insert(t.name().into(), st);
+            }
+        }
+        s
+    }
+
+    /// The recorded timeline as Chrome trace JSON (None unless `trace` was set).
+    pub fn chrome_trace(&self) -> Option<serde_json::Value> {
+        let mut g = self.lock();
+        g.store.reap();
+        g.store.tracer.as_ref().map(|t| t.to_json())
+    }
+
+    /// Waits for every in-flight move (prefetches included) to finish.
+    pub fn quiesce(&self) {
+        let mut g = self.lock();
+        loop {
+            g.store.reap();
+            if g.store.chunks.iter().all(|c| c.moving.is_none()) {
+                return;
+            }
+            g = self.wait(g, None);
+        }
+    }
+
+    /// Which tiers hold a valid copy of `chunk` (for tests and diagnostics).
+    pub fn residency(&self, chunk: ChunkRef) -> Vec<Tier> {
+        let mut g = self.lock();
+        g.store.reap();
+        let Ok(i) = self.index(&g, chunk) else { return Vec::new() };
+        let c = &g.store.chunks[i];
+        Tier::ALL.into_iter().filter(|&t| c.on(t)).collect()
+    }
+
+    /// All chunks, in first-use order.
+    pub fn all_chunks(&self) -> &[ChunkRef] {
+        &self.refs
+    }
+}
+
+/// Chunks held on the device for an operation. Dropping it releases them.
+pub struct Access<'m> {
+    mgr: &'m Manager,
+    refs: Vec<ChunkRef>,
+    idx: Vec<usize>,
+    /// (address, bytes, CPU-addressable) per chunk.
+    addrs: Vec<(u64, usize, bool)>,
+    mode: Mode,
+    after_backward: bool,
+    started: Instant,
+}
+
+impl Access<'_> {
+    /// The tier the chunks are on (always the compute device).
+    pub fn tier(&self) -> Tier {
+        Tier::Device
+    }
+
+    /// Address (device or host pointer) and length of the `k`-th chunk of this access.
+    pub fn chunk(&self, k: usize) -> (u64, usize) {
+        (self.addrs[k].0, self.addrs[k].1)
+    }
+
+    fn locate(&self, tensor: TensorId, role: Role) -> Result<(usize, usize, usize)> {
+        let l = &self.mgr.layouts[tensor.group];
+        let p = l.tensors[tensor.index].placement;
+        let k = self
+            .refs
+            .iter()
+            .position(|r| r.group == tensor.group && r.index == p.chunk && r.role == role)
+            .ok_or_else(|| Error::InvalidState(format!("tensor {} ({role:?}) is not in this access", l.tensors[tensor.index].name)))?;
+        let size = l.dtype(role).expect("role registered").size();
+        Ok((k, p.offset * size, p.numel * size))
+    }
+
+    /// Device address of a tensor in this access.
+    pub fn tensor_addr(&self, tensor: TensorId, role: Role) -> Result<u64> {
+        let (k, off, _) = self.locate(tensor, role)?;
+        Ok(self.addrs[k].0 + off as u64)
+    }
+
+    /// A tensor's elements, when the device is CPU-addressable (the simulated device).
+    pub fn slice<T: bytemuck::Pod>(&self, tensor: TensorId, role: Role) -> Result<&[T]> {
+        let (k, off, len) = self.locate(tensor, role)?;
+        let (addr, _, cpu) = self.addrs[k];
+        if !cpu {
+            return Err(Error::unsupported("a CPU slice of GPU memory", "use tensor_addr with a GPU kernel"));
+        }
+        // SAFETY: the chunk is pinned on the device while this guard lives (compute flag), the
+        // range lies inside its slot, and the slot's memory is CPU-addressable.
+        let bytes = unsafe { std::slice::from_raw_parts((addr + off as u64) as *const u8, len) };
+        bytemuck::try_cast_slice(bytes).map_err(|e| Error::unsupported("viewing the tensor with this element type", e.to_string()))
+    }
+
+    /// A tensor's elements for writing (the access must be `Mode::Write`).
+    pub fn slice_mut<T: bytemuck::Pod>(&mut self, tensor: TensorId, role: Role) -> Result<&mut [T]> {
+        if self.mode != Mode::Write {
+            return Err(Error::InvalidState("writing through a read access".into()));
+        }
+        let (k, off, len) = self.locate(tensor, role)?;
+        let (addr, _, cpu) = self.addrs[k];
+        if !cpu {
+            return Err(Error::unsupported("a CPU slice of GPU memory", "use tensor_addr with a GPU kernel"));
+        }
+        // SAFETY: as in `slice`; `&mut self` and the chunk's exclusive compute flag (no other
+        // access may hold it) make this the only view.
+        let bytes = unsafe { std::slice::from_raw_parts_mut((addr + off as u64) as *mut u8, len) };
+        bytemuck::try_cast_slice_mut(bytes).map_err(|e| Error::unsupported("viewing the tensor with this element type", e.to_string()))
+    }
+
+    /// Releases with the tensors in `HoldAfterBwd` (their gradients were produced).
+    pub fn release_after_backward(mut self) {
+        self.after_backward = true;
+    }
+}
+
+impl Drop for Access<'_> {
+    fn drop(&mut self) {
+        self.mgr.release(self);
+    }
+}
+

@@ -1,0 +1,290 @@
+//! The chunk manager against an oracle: every read equals the last write, budgets hold, nothing
+//! deadlocks, under every policy; plus write-back, prefetch and error behaviour.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::scratch;
+use proptest::prelude::*;
+use stowage_memory::{
+    ChunkRef, ChunkSize, DType, DeviceChoice, Error, Manager, ManagerConfig, Mode, NvmeConfig, PolicyKind, Role, TensorId,
+    TensorState, Tier, TiersConfig,
+};
+
+const ROLES: [(Role, DType); 2] = [(Role::Param, DType::F32), (Role::Master, DType::F32)];
+/// Elements per chunk: 4096 f32 = 16 KiB.
+const CHUNK: usize = 4096;
+
+fn policies() -> [PolicyKind; 4] {
+    [
+        PolicyKind::Lru,
+        PolicyKind::Auto,
+        PolicyKind::Optimal,
+        PolicyKind::Static { param_frac: 0.3, optim_frac: 0.0 },
+    ]
+}
+
+/// A manager over one group with tensors of `sizes` elements and a device of `device_chunks`.
+fn manager(dir: &std::path::Path, sizes: &[usize], policy: PolicyKind, device_chunks: u64, nvme: bool, host_chunks: u64) -> Manager {
+    let cb = (CHUNK * 4) as u64;
+    let mut tiers = TiersConfig::default()
+        .with_device(DeviceChoice::Simulated, device_chunks * cb)
+        .with_host_budget(host_chunks * cb)
+        .with_arena_bytes(4 * cb as usize);
+    if nvme {
+        tiers = tiers.with_nvme(NvmeConfig::new(dir).with_budget(1 << 30).with_segment_bytes(8192));
+    }
+    let cfg = ManagerConfig {
+        tiers,
+        policy,
+        chunk_size: ChunkSize::Fixed(CHUNK),
+        prefetch_depth: 16,
+        trace: true,
+    };
+    let mut b = Manager::builder(cfg);
+    let g = b.group("model", &ROLES);
+    for (i, &n) in sizes.iter().enumerate() {
+        b.tensor(g, &format!("t{i}"), &[n]);
+    }
+    b.build().expect("manager")
+}
+
+#[derive(Debug, Clone)]
+struct Op {
+    tensors: Vec<usize>,
+    role: Role,
+    write: Option<u32>,
+}
+
+fn op(n: usize) -> impl Strategy<Value = Op> {
+    (
+        prop::collection::vec(0..n, 1..3),
+        prop_oneof![Just(Role::Param), Just(Role::Master)],
+        prop::option::of(any::<u32>()),
+    )
+        .prop_map(|(tensors, role, write)| Op { tensors, role, write })
+}
+
+/// Runs `ops`; checks every read against the oracle; returns the manager for further checks.
+fn run(m: &Manager, ops: &[Op], n: usize) {
+    let ids: Vec<TensorId> = (0..n).map(|index| TensorId { group: 0, index }).collect();
+    let mut oracle: HashMap<(usize, Role), u32> = HashMap::new();
+    let schedule: Vec<ChunkRef> = ops
+        .iter()
+        .flat_map(|o| {
+            let mut v: Vec<ChunkRef> = o.tensors.iter().map(|&t| m.chunk_of(ids[t], o.role)).collect();
+            v.dedup();
+            v
+        })
+        .collect();
+    m.set_schedule(&schedule);
+    for o in ops {
+        let mut refs: Vec<ChunkRef> = o.tensors.iter().map(|&t| m.chunk_of(ids[t], o.role)).collect();
+        refs.sort_by_key(|r| r.index);
+        refs.dedup();
+        let mode = if o.write.is_some() { Mode::Write } else { Mode::Read };
+        let mut a = m.access(&refs, mode).unwrap_or_else(|e| panic!("access {refs:?}: {e}"));
+        for &t in &o.tensors {
+            let want = oracle.get(&(t, o.role)).copied().unwrap_or(0);
+            let got = a.slice::<u32>(ids[t], o.role).unwrap();
+            assert!(got.iter().all(|&x| x == want), "tensor {t} {:?}: expected {want}, found {}", o.role, got[0]);
+        }
+        if let Some(v) = o.write {
+            for &t in &o.tensors {
+                a.slice_mut::<u32>(ids[t], o.role).unwrap().fill(v);
+                oracle.insert((t, o.role), v);
+            }
+        }
+        drop(a);
+        let st = m.stats();
+        for (name, t) in &st.tiers {
+            assert!(t.used <= t.capacity && t.peak <= t.capacity, "{name} over budget: {t:?}");
+        }
+    }
+    m.end_iteration();
+    // Everything still reads back after the moves settle.
+    m.quiesce();
+    for t in 0..n {
+        for role in [Role::Param, Role::Master] {
+            let r = m.chunk_of(ids[t], role);
+            let a = m.access(&[r], Mode::Read).unwrap();
+            let want = oracle.get(&(t, role)).copied().unwrap_or(0);
+            assert!(a.slice::<u32>(ids[t], role).unwrap().iter().all(|&x| x == want), "final check of tensor {t}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_read_equals_the_last_write_under_every_policy(
+        sizes in prop::collection::vec(1usize..6000, 2..10),
+        ops in prop::collection::vec(op(10), 1..40),
+        device_chunks in 3u64..8,
+        use_nvme in any::<bool>(),
+    ) {
+        let n = sizes.len();
+        let ops: Vec<Op> = ops.into_iter().map(|mut o| { o.tensors.iter_mut().for_each(|t| *t %= n); o }).collect();
+        for policy in policies() {
+            let dir = scratch();
+            // Without NVMe the host must hold everything; with it, the host is tight too.
+            let host = if use_nvme { 4 } else { 64 };
+            let m = manager(dir.path(), &sizes, policy, device_chunks, use_nvme, host);
+            run(&m, &ops, n);
+        }
+    }
+}
+
+#[test]
+fn concurrent_accesses_from_many_threads_neither_corrupt_nor_deadlock() {
+    let dir = scratch();
+    let sizes = vec![3000; 16];
+    let m = manager(dir.path(), &sizes, PolicyKind::Lru, 8, true, 8);
+    std::thread::scope(|s| {
+        for th in 0..4usize {
+            let m = &m;
+            s.spawn(move || {
+                // Each thread owns four tensors (and so its own chunks).
+                let mine: Vec<TensorId> = (0..4).map(|k| TensorId { group: 0, index: th * 4 + k }).collect();
+                for round in 0..40u32 {
+                    for &t in &mine {
+                        let r = m.chunk_of(t, Role::Param);
+                        let mut a = loop {
+                            match m.access(&[r], Mode::Write) {
+                                Ok(a) => break a,
+                                Err(e) if e.is_retryable() => std::thread::yield_now(),
+                                Err(e) => panic!("{e}"),
+                            }
+                        };
+                        let v = a.slice_mut::<u32>(t, Role::Param).unwrap();
+                        if round > 0 {
+                            assert!(v.iter().all(|&x| x == round - 1 + t.index as u32 * 1000), "thread {th} saw a stale value");
+                        }
+                        v.fill(round + t.index as u32 * 1000);
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn read_only_passes_never_write_back() {
+    let dir = scratch();
+    let sizes = vec![4000; 12];
+    let m = manager(dir.path(), &sizes, PolicyKind::Lru, 3, true, 64);
+    let all: Vec<ChunkRef> = m.chunks(0, Role::Param);
+    for pass in 0..3 {
+        for &r in &all {
+            drop(m.access(&[r], if pass == 0 { Mode::Write } else { Mode::Read }).unwrap());
+        }
+        if pass == 0 {
+            m.quiesce();
+        }
+    }
+    let before = m.stats();
+    let written = |s: &stowage_memory::manager::trace::ManagerStats| s.links.get("device->host").map_or(0, |l| l.bytes);
+    for &r in &all {
+        drop(m.access(&[r], Mode::Read).unwrap());
+    }
+    let after = m.stats();
+    assert_eq!(written(&after), written(&before), "clean chunks are dropped, not written back");
+    assert!(after.clean_drops > before.clean_drops);
+}
+
+#[test]
+fn with_a_schedule_prefetch_turns_stalls_into_hits() {
+    let dir = scratch();
+    let sizes = vec![4000; 16];
+    let run = |depth: usize| {
+        let cfg = ManagerConfig {
+            tiers: TiersConfig::default()
+                .with_device(DeviceChoice::Simulated, 6 * 16384)
+                .with_host_budget(64 * 16384)
+                .with_sim_bandwidth(64.0 * 1024.0 * 1024.0),
+            policy: PolicyKind::Optimal,
+            chunk_size: ChunkSize::Fixed(CHUNK),
+            prefetch_depth: depth,
+            trace: false,
+        };
+        let mut b = Manager::builder(cfg);
+        let g = b.group("m", &[(Role::Param, DType::F32)]);
+        for (i, &n) in sizes.iter().enumerate() {
+            b.tensor(g, &format!("t{i}"), &[n]);
+        }
+        let m = b.build().unwrap();
+        let all = m.chunks(0, Role::Param);
+        m.set_schedule(&all);
+        for _ in 0..3 {
+            for &r in &all {
+                let a = m.access(&[r], Mode::Read).unwrap();
+                // Compute long enough for the next chunk's copy (16 KiB at 64 MiB/s: 0.25 ms).
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                drop(a);
+            }
+            m.end_iteration();
+        }
+        m.stats()
+    };
+    let without = run(0);
+    let with = run(8);
+    assert_eq!(without.prefetches, 0);
+    assert!(with.prefetches > 0);
+    // The first pass touches never-written chunks (nothing to prefetch); the next two should hit.
+    assert!(with.hits >= 30, "prefetch should make the later passes hits: {} of 48", with.hits);
+    assert!(with.hits > without.hits + 15, "{} vs {}", with.hits, without.hits);
+}
+
+#[test]
+fn a_chrome_trace_has_a_compute_track_and_one_per_link() {
+    let dir = scratch();
+    let m = manager(dir.path(), &[4000; 8], PolicyKind::Lru, 3, true, 4);
+    for r in m.chunks(0, Role::Param) {
+        let mut a = m.access(&[r], Mode::Write).unwrap();
+        a.slice_mut::<u32>(TensorId { group: 0, index: r.index }, Role::Param).ok();
+    }
+    m.quiesce();
+    let t = m.chrome_trace().unwrap();
+    let events = t["traceEvents"].as_array().unwrap();
+    let tracks: Vec<&str> = events.iter().filter(|e| e["ph"] == "M").filter_map(|e| e["args"]["name"].as_str()).collect();
+    assert!(tracks.contains(&"compute"), "{tracks:?}");
+    assert!(tracks.iter().any(|t| t.contains("->")), "{tracks:?}");
+    assert!(events.iter().any(|e| e["ph"] == "X" && e["dur"].as_f64().is_some()));
+}
+
+#[test]
+fn invalid_uses_are_errors_that_change_nothing() {
+    let dir = scratch();
+    let m = manager(dir.path(), &[4000; 4], PolicyKind::Auto, 3, false, 64);
+    let t0 = TensorId { group: 0, index: 0 };
+    let r = m.chunk_of(t0, Role::Param);
+    let a = m.access(&[r], Mode::Read).unwrap();
+    assert!(matches!(m.access(&[r], Mode::Read), Err(Error::InvalidState(_))), "a chunk in use cannot be accessed twice");
+    assert!(a.slice::<u32>(TensorId { group: 0, index: 3 }, Role::Param).is_err(), "a tensor outside the access");
+    drop(a);
+    assert_eq!(m.tensor_state(t0, Role::Param), TensorState::Hold);
+    assert!(m.transition(t0, Role::Param, TensorState::ReadyForUpdate).is_err(), "Hold -> ReadyForUpdate skips the backward");
+    assert_eq!(m.tensor_state(t0, Role::Param), TensorState::Hold);
+    let too_many: Vec<ChunkRef> = m.chunks(0, Role::Param).into_iter().chain(m.chunks(0, Role::Master)).collect();
+    assert!(matches!(m.access(&too_many, Mode::Read), Err(Error::OverBudget { tier: Tier::Device, .. })));
+    assert_eq!(m.tensor_state(TensorId { group: 0, index: 1 }, Role::Param), TensorState::Free, "a refused access leaves states alone");
+}
+
+#[test]
+fn a_model_that_cannot_fit_is_refused_with_the_budgets() {
+    let dir = scratch();
+    let cfg = ManagerConfig {
+        tiers: TiersConfig::default().with_device(DeviceChoice::Simulated, 1 << 20).with_host_budget(1 << 20),
+        chunk_size: ChunkSize::Fixed(CHUNK),
+        ..ManagerConfig::default()
+    };
+    let mut b = Manager::builder(cfg);
+    let g = b.group("big", &ROLES);
+    b.tensor(g, "w", &[1 << 20]);
+    let e = b.build().err().expect("does not fit");
+    let msg = e.to_string();
+    assert!(msg.contains("device 1048576") && msg.contains("host 1048576"), "{msg}");
+    let _ = dir;
+}

@@ -70,7 +70,9 @@ pub struct TiersConfig {
     pub pin_host: bool,
     /// The NVMe tier, if any. Default: none.
     pub nvme: Option<NvmeConfig>,
-    /// Preferred size of one arena (the unit in which tiers grow). Default: 256 MiB.
+    /// Preferred size of one host or NVMe arena (the unit in which those tiers grow). The device
+    /// tier is one arena of its whole budget, obtained at its first use, so chunks of different
+    /// sizes can always be placed by evicting. Default: 256 MiB.
     pub arena_bytes: usize,
 }
 
@@ -178,17 +180,18 @@ impl Tiers {
             cfg.arena_bytes,
             Box::new(HostArenas::new(Tier::Host, align, hooks)),
         );
+        let device_arena = usize::try_from(cfg.device.budget).unwrap_or(usize::MAX);
         let (device, device_kind) = match (&cuda, cfg.device.choice) {
             (_, DeviceChoice::None) => (None, None),
             (Some(c), _) => (
-                Some(Pool::new(Tier::Device, cfg.device.budget, cfg.arena_bytes, Box::new(CudaArenas(c.clone())))),
+                Some(Pool::new(Tier::Device, cfg.device.budget, device_arena, Box::new(CudaArenas(c.clone())))),
                 Some(DeviceKind::Cuda),
             ),
             (None, _) => (
                 Some(Pool::new(
                     Tier::Device,
                     cfg.device.budget,
-                    cfg.arena_bytes,
+                    device_arena,
                     Box::new(HostArenas::new(Tier::Device, align, Vec::new())),
                 )),
                 Some(DeviceKind::Simulated),

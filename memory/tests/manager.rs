@@ -31,7 +31,9 @@ fn manager(dir: &std::path::Path, sizes: &[usize], policy: PolicyKind, device_ch
     let mut tiers = TiersConfig::default()
         .with_device(DeviceChoice::Simulated, device_chunks * cb)
         .with_host_budget(host_chunks * cb)
-        .with_arena_bytes(4 * cb as usize);
+        // One host arena: with budgets of a handful of chunks of mixed sizes, several arenas
+        // could not hold a chunk that fits the budget (real budgets hold many arenas' worth).
+        .with_arena_bytes((host_chunks * cb) as usize);
     if nvme {
         tiers = tiers.with_nvme(NvmeConfig::new(dir).with_budget(1 << 30).with_segment_bytes(8192));
     }
@@ -105,12 +107,11 @@ fn run(m: &Manager, ops: &[Op], n: usize) {
     m.end_iteration();
     // Everything still reads back after the moves settle.
     m.quiesce();
-    for t in 0..n {
+    for (t, &id) in ids.iter().enumerate() {
         for role in [Role::Param, Role::Master] {
-            let r = m.chunk_of(ids[t], role);
-            let a = m.access(&[r], Mode::Read).unwrap();
+            let a = m.access(&[m.chunk_of(id, role)], Mode::Read).unwrap();
             let want = oracle.get(&(t, role)).copied().unwrap_or(0);
-            assert!(a.slice::<u32>(ids[t], role).unwrap().iter().all(|&x| x == want), "final check of tensor {t}");
+            assert!(a.slice::<u32>(id, role).unwrap().iter().all(|&x| x == want), "final check of tensor {t}");
         }
     }
 }
@@ -196,8 +197,7 @@ fn read_only_passes_never_write_back() {
 
 #[test]
 fn with_a_schedule_prefetch_turns_stalls_into_hits() {
-    let dir = scratch();
-    let sizes = vec![4000; 16];
+    let sizes = [4000; 16];
     let run = |depth: usize| {
         let cfg = ManagerConfig {
             tiers: TiersConfig::default()

@@ -363,7 +363,10 @@ impl Manager {
 
     /// Makes every chunk in `idx` valid on the device, waiting outside the lock.
     fn bring_up<'a>(&'a self, mut g: MutexGuard<'a, Inner>, idx: &[usize], stalled: &mut bool) -> (MutexGuard<'a, Inner>, Result<()>) {
+        // Largest first, so smaller chunks fill the gaps the larger ones leave.
         let mut pending: Vec<usize> = idx.to_vec();
+        pending.sort_by_key(|&i| std::cmp::Reverse(g.store.chunks[i].bytes));
+        let mut relocations = 0;
         while let Some(&i) = pending.first() {
             g.store.reap();
             if let Some(e) = g.store.chunks[i].error.take() {
@@ -382,10 +385,55 @@ impl Manager {
             match self.start_fetch(&mut g.store, i, idx) {
                 Ok(true) => {}
                 Ok(false) => g = self.wait(g, None),
+                Err(e @ Error::OverBudget { tier: Tier::Device, .. }) if relocations < 4 && self.fragmented(&g.store, idx) => {
+                    relocations += 1;
+                    let before = self.signature(&g.store);
+                    // The bytes fit but not in one piece: clear the device of everything no
+                    // other access holds (this access's chunks included) and bring this
+                    // access's chunks up largest first, which packs them without holes.
+                    let mut progressed = false;
+                    for j in 0..g.store.chunks.len() {
+                        let c = &g.store.chunks[j];
+                        let ours = idx.contains(&j);
+                        if c.copies[0].is_none() || c.moving.is_some() || (c.compute && !ours) {
+                            continue;
+                        }
+                        g.store.chunks[j].compute = false;
+                        let r = g.store.evict(&self.tiers, j, Tier::Device, &[]);
+                        g.store.chunks[j].compute = ours;
+                        if let Err(e) = r {
+                            return (g, Err(e));
+                        }
+                        progressed |= g.store.chunks[j].copies[0].is_none() || g.store.chunks[j].moving.is_some();
+                    }
+                    if !progressed {
+                        // Write-backs wait for room below: wait for a move, or give up when
+                        // nothing moves and nothing changed.
+                        if g.store.chunks.iter().any(|c| c.moving.is_some()) {
+                            g = self.wait(g, None);
+                        } else if self.signature(&g.store) == before {
+                            return (g, Err(e));
+                        }
+                    }
+                    pending = idx.to_vec();
+                    pending.sort_by_key(|&i| std::cmp::Reverse(g.store.chunks[i].bytes));
+                }
                 Err(e) => return (g, Err(e)),
             }
         }
         (g, Ok(()))
+    }
+
+    /// A summary that changes whenever the store makes progress (for loop detection).
+    fn signature(&self, s: &Store) -> (Vec<u64>, usize) {
+        let used = Tier::ALL.iter().filter_map(|&t| self.tiers.stats(t)).map(|st| st.used).collect();
+        (used, s.chunks.iter().filter(|c| c.moving.is_some()).count())
+    }
+
+    /// Whether the chunks of an access would fit on the device by bytes alone.
+    fn fragmented(&self, s: &Store, idx: &[usize]) -> bool {
+        let total: u64 = idx.iter().map(|&i| s.chunks[i].bytes as u64).sum();
+        total <= s.limit(&self.tiers, Tier::Device)
     }
 
     /// One step towards fetching chunk `i`: `Ok(true)` once its move has started, `Ok(false)`

@@ -43,6 +43,14 @@ pub(crate) struct Moving {
     pub started: Instant,
 }
 
+impl Moving {
+    /// Whether the move holds a slot in `t` (a device<->NVMe move holds a host staging slot).
+    pub(crate) fn touches(&self, t: Tier) -> bool {
+        let staged = matches!((self.from, self.to), (Tier::Device, Tier::Nvme) | (Tier::Nvme, Tier::Device));
+        self.from == t || self.to == t || (staged && t == Tier::Host)
+    }
+}
+
 pub(crate) struct Chunk {
     pub id: ChunkId,
     pub bytes: usize,
@@ -224,23 +232,26 @@ impl Store {
         Ok(Some(()))
     }
 
-    /// Evictable chunks with a copy in `t`.
-    fn candidates(&self, t: Tier, exclude: &[usize]) -> Vec<Candidate> {
+    /// Evictable chunks with a copy in `t`; `keep_pins`: leave the policy's pinned chunks alone.
+    fn candidates(&self, t: Tier, exclude: &[usize], keep_pins: bool) -> Vec<Candidate> {
         self.chunks
             .iter()
             .enumerate()
             .filter(|(i, c)| {
                 c.copies[ti(t)].is_some()
-                    && !c.compute
+                    // A chunk in use is pinned on the device; its lower copies may still go.
+                    && !(c.compute && t == Tier::Device)
                     && c.moving.is_none()
-                    && !exclude.contains(i)
-                    && !(t == Tier::Device && self.policy.pinned(c.id) && c.valid[ti(t)])
+                    // Chunks of the current access keep their copy here only while it is their
+                    // only valid one (a copy on another tier makes this one expendable).
+                    && !(exclude.contains(i) && (t == Tier::Device || !Tier::ALL.iter().any(|&x| x != t && c.on(x))))
+                    && !(keep_pins && t == Tier::Device && self.policy.pinned(c.id) && c.valid[ti(t)])
             })
             .map(|(_, c)| Candidate {
                 id: c.id,
                 bytes: c.bytes as u64,
                 last_use: c.last_use,
-                dirty: c.valid[ti(t)] && !c.valid.iter().enumerate().any(|(k, &v)| k > ti(t) && v),
+                dirty: c.valid[ti(t)] && !c.valid.iter().enumerate().any(|(k, &v)| k != ti(t) && v),
             })
             .collect()
     }
@@ -271,9 +282,15 @@ impl Store {
             self.chunks[i].copies[ti(t)] = None;
             return Ok(false);
         }
-        let cands = self.candidates(t, exclude);
+        // Pinned chunks stay unless nothing else can make the room (the bytes are free but not
+        // in one piece, or everything else is in use).
+        let mut cands = self.candidates(t, exclude, true);
+        if cands.is_empty() || used + bytes <= limit {
+            cands = self.candidates(t, exclude, false);
+        }
         let victim = if t == Tier::Device {
-            self.policy.victim(&cands)
+            // A policy may refuse its pinned chunks; when only those are left they go, oldest first.
+            self.policy.victim(&cands).or_else(|| cands.iter().min_by_key(|c| c.last_use).map(|c| c.id))
         } else {
             // Lower tiers: the same rule when the policy knows the future, else LRU.
             cands
@@ -285,8 +302,7 @@ impl Store {
             self.evict(tiers, self.by_id[&id], t, exclude)?;
             return Ok(false);
         }
-        let moving_out = self.chunks.iter().any(|c| c.moving.as_ref().is_some_and(|m| m.from == t || m.to == t));
-        if moving_out {
+        if self.chunks.iter().any(|c| c.moving.as_ref().is_some_and(|m| m.touches(t))) {
             return Ok(false);
         }
         Err(Error::OverBudget {
@@ -297,12 +313,12 @@ impl Store {
         })
     }
 
-    /// Removes chunk `i`'s copy from `t`: dropped if a valid copy exists below, else written
-    /// down first.
-    fn evict(&mut self, tiers: &Tiers, i: usize, t: Tier, exclude: &[usize]) -> Result<()> {
+    /// Removes chunk `i`'s copy from `t`: dropped if another tier holds a valid copy, else
+    /// written down first.
+    pub(crate) fn evict(&mut self, tiers: &Tiers, i: usize, t: Tier, exclude: &[usize]) -> Result<()> {
         let below: Vec<Tier> = Tier::ALL.into_iter().filter(|&x| ti(x) > ti(t) && tiers.has(x)).collect();
         let c = &mut self.chunks[i];
-        if !c.valid[ti(t)] || below.iter().any(|&b| c.on(b)) {
+        if !c.valid[ti(t)] || Tier::ALL.iter().any(|&x| x != t && c.on(x)) {
             c.copies[ti(t)] = None;
             c.valid[ti(t)] = false;
             self.stats.clean_drops += 1;
@@ -389,7 +405,7 @@ impl Store {
             if self.fits(tiers, Tier::Device, bytes) {
                 return true;
             }
-            let cands = self.candidates(Tier::Device, &[i]);
+            let cands = self.candidates(Tier::Device, &[i], true);
             let victim = cands
                 .iter()
                 .filter(|c| !c.dirty)

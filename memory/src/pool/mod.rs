@@ -1,14 +1,16 @@
-//! Slot pools: fixed-size slots carved from a few large allocations (arenas) under a byte budget.
+//! Slot pools: slots carved from a few large allocations (arenas) under a byte budget.
 //!
 //! A pool belongs to one tier and owns its arenas; what an arena *is* (host memory, GPU memory,
-//! a preallocated file) is the [`ArenaBackend`]'s business. Slots of several sizes may share one
-//! pool and one budget: each size has its own free list, and arenas that fall wholly free are
-//! given back when another size needs the room. The budget caps the bytes obtained from the
-//! system (`reserved`), so the process never holds more than the budget whatever the stats say.
+//! a preallocated file) is the [`ArenaBackend`]'s business. Chunks of one size tile an arena
+//! exactly, so a pool of equal slots never fragments; the rare larger chunk (a tensor bigger
+//! than the chunk size) takes a contiguous range by first fit, freed ranges coalesce, and
+//! arenas that fall wholly idle are given back when the budget needs the room. The budget caps
+//! the bytes obtained from the system (`reserved`), so the process never holds more than the
+//! budget whatever the stats say.
 
 mod slot;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -33,23 +35,55 @@ pub(crate) trait ArenaBackend: Send + Sync + 'static {
 struct Arena {
     base: u64,
     bytes: usize,
-    slot_bytes: usize,
-    free_slots: usize,
+    /// Free byte ranges: offset -> length, coalesced (no two adjacent).
+    free: BTreeMap<usize, usize>,
+    free_bytes: usize,
+}
+
+impl Arena {
+    fn idle(&self) -> bool {
+        self.free_bytes == self.bytes
+    }
+
+    /// First fit: the lowest free range that holds `len` bytes.
+    fn take(&mut self, len: usize) -> Option<usize> {
+        let (&off, &have) = self.free.iter().find(|(_, &l)| l >= len)?;
+        self.free.remove(&off);
+        if have > len {
+            self.free.insert(off + len, have - len);
+        }
+        self.free_bytes -= len;
+        Some(off)
+    }
+
+    /// Returns a range, merging it with free neighbours.
+    fn give(&mut self, off: usize, len: usize) {
+        self.free_bytes += len;
+        let (mut start, mut end) = (off, off + len);
+        if let Some((&p, &pl)) = self.free.range(..off).next_back() {
+            if p + pl == off {
+                self.free.remove(&p);
+                start = p;
+            }
+        }
+        if let Some(nl) = self.free.remove(&end) {
+            end += nl;
+        }
+        self.free.insert(start, end - start);
+    }
 }
 
 #[derive(Default)]
 struct State {
     /// Indexed by arena id; `None` once given back. Ids are never reused.
     arenas: Vec<Option<Arena>>,
-    /// Free slots per slot size: (arena id, slot index).
-    free: HashMap<usize, Vec<(u32, u32)>>,
     used: u64,
     peak: u64,
     reserved: u64,
     arena_count: u64,
 }
 
-/// A pool of fixed-size slots for one tier.
+/// A pool of slots for one tier.
 pub(crate) struct Pool {
     tier: Tier,
     budget: u64,
@@ -89,41 +123,44 @@ impl Pool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes a free slot of `slot_bytes`, growing the pool by one arena when needed.
+    /// Takes a slot of `slot_bytes`, growing the pool by one arena when no free range fits.
     pub(crate) fn alloc(self: &Arc<Self>, slot_bytes: usize, staging: bool) -> Result<Slot> {
         if slot_bytes == 0 {
             return Err(Error::unsupported("a zero-byte slot", "slots hold at least one byte"));
         }
         let mut st = self.lock();
-        let (arena, index) = match st.free.get_mut(&slot_bytes).and_then(Vec::pop) {
+        let found = Self::take(&mut st, slot_bytes);
+        let (arena, offset) = match found {
             Some(found) => found,
             None => {
                 self.grow(&mut st, slot_bytes)?;
-                st.free
-                    .get_mut(&slot_bytes)
-                    .and_then(Vec::pop)
-                    .expect("grow added at least one free slot of this size")
+                Self::take(&mut st, slot_bytes).expect("grow made a range of this size")
             }
         };
-        let a = st.arenas[arena as usize].as_mut().expect("free slot in a live arena");
-        a.free_slots -= 1;
-        let addr = a.base + index as u64 * slot_bytes as u64;
+        let a = st.arenas[arena as usize].as_ref().expect("a live arena");
+        let addr = a.base + offset as u64;
         st.used += slot_bytes as u64;
         st.peak = st.peak.max(st.used);
         drop(st);
         if staging {
             self.staging.fetch_add(slot_bytes as u64, Ordering::Relaxed);
         }
-        Ok(Slot::new(self.clone(), arena, index, addr, slot_bytes, staging))
+        Ok(Slot::new(self.clone(), arena, offset as u64, addr, slot_bytes, staging))
+    }
+
+    fn take(st: &mut State, len: usize) -> Option<(u32, usize)> {
+        st.arenas
+            .iter_mut()
+            .enumerate()
+            .find_map(|(id, a)| a.as_mut().and_then(|a| a.take(len)).map(|off| (id as u32, off)))
     }
 
     fn grow(&self, st: &mut State, slot_bytes: usize) -> Result<()> {
-        let room = |st: &State| (self.budget - st.reserved) / slot_bytes as u64;
-        if room(st) == 0 {
-            self.trim(st, Some(slot_bytes));
+        if self.budget - st.reserved < slot_bytes as u64 {
+            self.trim(st);
         }
-        let room = room(st);
-        if room == 0 {
+        let room = self.budget - st.reserved;
+        if room < slot_bytes as u64 {
             return Err(Error::OverBudget {
                 tier: self.tier,
                 requested: slot_bytes as u64,
@@ -131,78 +168,59 @@ impl Pool {
                 in_use: st.used,
             });
         }
-        let wanted = (self.arena_target / slot_bytes).max(1) as u64;
-        let slots = wanted.min(room) as usize;
-        let bytes = slots * slot_bytes;
+        // Whole slots of this size, so a pool of one slot size never fragments; the last arena
+        // takes whatever the budget has left.
+        let wanted = self.arena_target.max(slot_bytes).div_ceil(slot_bytes) as u64 * slot_bytes as u64;
+        let bytes = wanted.min(room) as usize;
         let id = u32::try_from(st.arenas.len())
             .map_err(|_| Error::unsupported("more than 4 billion arenas", "use larger arenas"))?;
         let base = self.backend.alloc_arena(id, bytes)?;
         st.arenas.push(Some(Arena {
             base,
             bytes,
-            slot_bytes,
-            free_slots: slots,
+            free: BTreeMap::from([(0, bytes)]),
+            free_bytes: bytes,
         }));
         st.reserved += bytes as u64;
         st.arena_count += 1;
-        // Hand out low addresses first: pop() takes from the end.
-        st.free
-            .entry(slot_bytes)
-            .or_default()
-            .extend((0..slots as u32).rev().map(|i| (id, i)));
         Ok(())
     }
 
-    /// Gives back every arena none of whose slots is held, except those of `keep` size.
-    fn trim(&self, st: &mut State, keep: Option<usize>) {
+    /// Gives back every arena none of whose bytes is held.
+    fn trim(&self, st: &mut State) {
         for id in 0..st.arenas.len() {
-            let idle = matches!(&st.arenas[id], Some(a)
-                if a.free_slots * a.slot_bytes == a.bytes && Some(a.slot_bytes) != keep);
-            if !idle {
-                continue;
+            if st.arenas[id].as_ref().is_some_and(Arena::idle) {
+                let a = st.arenas[id].take().expect("checked above");
+                st.reserved -= a.bytes as u64;
+                self.backend.free_arena(id as u32, a.base, a.bytes);
             }
-            let a = st.arenas[id].take().expect("checked above");
-            if let Some(list) = st.free.get_mut(&a.slot_bytes) {
-                list.retain(|&(arena, _)| arena as usize != id);
-            }
-            st.reserved -= a.bytes as u64;
-            self.backend.free_arena(id as u32, a.base, a.bytes);
         }
     }
 
-    /// Whether `alloc(slot_bytes)` would succeed now: a free slot of that size, room left in the
-    /// budget, or room that giving back wholly idle arenas of other sizes would make.
+    /// Whether `alloc(slot_bytes)` would succeed now: a free range that fits, room left in the
+    /// budget, or room that giving back idle arenas would make.
     pub(crate) fn can_alloc(&self, slot_bytes: usize) -> bool {
         let st = self.lock();
-        if st.free.get(&slot_bytes).is_some_and(|f| !f.is_empty()) {
-            return true;
-        }
-        let idle: u64 = st
-            .arenas
-            .iter()
-            .flatten()
-            .filter(|a| a.slot_bytes != slot_bytes && a.free_slots * a.slot_bytes == a.bytes)
-            .map(|a| a.bytes as u64)
-            .sum();
-        self.budget - st.reserved + idle >= slot_bytes as u64
+        let fits = st.arenas.iter().flatten().any(|a| a.free.values().any(|&l| l >= slot_bytes));
+        let idle: u64 = st.arenas.iter().flatten().filter(|a| a.idle()).map(|a| a.bytes as u64).sum();
+        fits || self.budget - st.reserved + idle >= slot_bytes as u64
     }
 
     /// Gives back every arena with no slot in use. Returns the bytes released.
     pub(crate) fn shrink(&self) -> u64 {
         let mut st = self.lock();
         let before = st.reserved;
-        self.trim(&mut st, None);
+        self.trim(&mut st);
         before - st.reserved
     }
 
-    fn release(&self, arena: u32, index: u32, addr: u64, slot_bytes: usize, staging: bool) {
+    fn release(&self, arena: u32, offset: u64, addr: u64, slot_bytes: usize, staging: bool) {
         self.backend.slot_released(arena, addr);
         let mut st = self.lock();
         if let Some(a) = st.arenas[arena as usize].as_mut() {
-            a.free_slots += 1;
+            a.give(offset as usize, slot_bytes);
         }
         st.used -= slot_bytes as u64;
-        st.free.entry(slot_bytes).or_default().push((arena, index));
         drop(st);
         if staging {
             self.staging.fetch_sub(slot_bytes as u64, Ordering::Relaxed);

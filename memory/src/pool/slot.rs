@@ -11,7 +11,7 @@ use crate::tier::Tier;
 pub struct Slot {
     pool: Arc<Pool>,
     arena: u32,
-    index: u32,
+    offset: u64,
     addr: u64,
     len: usize,
     staging: bool,
@@ -22,18 +22,18 @@ impl std::fmt::Debug for Slot {
         f.debug_struct("Slot")
             .field("tier", &self.pool.tier())
             .field("arena", &self.arena)
-            .field("index", &self.index)
+            .field("offset", &self.offset)
             .field("len", &self.len)
             .finish()
     }
 }
 
 impl Slot {
-    pub(super) fn new(pool: Arc<Pool>, arena: u32, index: u32, addr: u64, len: usize, staging: bool) -> Self {
+    pub(super) fn new(pool: Arc<Pool>, arena: u32, offset: u64, addr: u64, len: usize, staging: bool) -> Self {
         Slot {
             pool,
             arena,
-            index,
+            offset,
             addr,
             len,
             staging,
@@ -94,6 +94,6 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.pool
-            .release(self.arena, self.index, self.addr, self.len, self.staging);
+            .release(self.arena, self.offset, self.addr, self.len, self.staging);
     }
 }

@@ -92,20 +92,57 @@ fn slot_bytes_are_private_to_their_owner() {
 }
 
 #[test]
-fn idle_arenas_of_another_size_make_room() {
+fn sizes_share_arenas_and_freed_neighbours_coalesce() {
     let (p, allocs, frees) = pool(4, 4);
     let small: Vec<Slot> = (0..4).map(|_| p.alloc(SLOT, false).unwrap()).collect();
     assert!(matches!(p.alloc(2 * SLOT, false), Err(Error::OverBudget { .. })));
-    drop(small);
-    let big = p.alloc(2 * SLOT, false).expect("the idle small-slot arena is given back");
-    assert_eq!(frees.load(Ordering::SeqCst), 1);
-    assert_eq!(allocs.load(Ordering::SeqCst), 2);
+    let mut small = small.into_iter();
+    let (a, b) = (small.next().unwrap(), small.next().unwrap());
+    drop(b);
+    assert!(!p.can_alloc(2 * SLOT), "one free slot is not two");
+    drop(a);
+    let big = p.alloc(2 * SLOT, false).expect("two adjacent free slots coalesce");
+    assert_eq!(allocs.load(Ordering::SeqCst), 1, "served from the same arena");
     let st = p.stats();
     assert!(st.reserved <= st.capacity, "reserved {} within budget {}", st.reserved, st.capacity);
-    assert_eq!(st.used, 2 * SLOT as u64);
-    drop(big);
+    assert_eq!(st.used, 4 * SLOT as u64);
+    drop((big, small));
     assert_eq!(p.shrink(), 4 * SLOT as u64);
+    assert_eq!(frees.load(Ordering::SeqCst), 1);
     assert_eq!(p.stats().reserved, 0);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    #[test]
+    fn live_slots_never_overlap_and_accounting_adds_up(
+        steps in proptest::collection::vec((1usize..4, proptest::prelude::any::<bool>(), 0usize..16), 1..120),
+    ) {
+        let (p, _, _) = pool(16, 6);
+        let mut live: Vec<Slot> = Vec::new();
+        for (units, free, pick) in steps {
+            if free && !live.is_empty() {
+                live.swap_remove(pick % live.len());
+            } else {
+                match p.alloc(units * SLOT, false) {
+                    Ok(s) => live.push(s),
+                    Err(e) => proptest::prop_assert!(e.is_retryable() || units * SLOT > 16 * SLOT),
+                }
+            }
+            let mut spans: Vec<(u32, u64, u64)> = live.iter().map(|s| (s.arena(), s.addr(), s.addr() + s.len() as u64)).collect();
+            spans.sort();
+            for w in spans.windows(2) {
+                proptest::prop_assert!(w[0].0 != w[1].0 || w[0].2 <= w[1].1, "overlap: {:?}", w);
+            }
+            let st = p.stats();
+            proptest::prop_assert_eq!(st.used, live.iter().map(|s| s.len() as u64).sum::<u64>());
+            proptest::prop_assert!(st.reserved <= st.capacity);
+        }
+        drop(live);
+        p.shrink();
+        proptest::prop_assert_eq!(p.stats().reserved, 0);
+    }
 }
 
 #[test]

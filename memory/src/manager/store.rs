@@ -397,8 +397,9 @@ impl Store {
         tiers.stats(t).is_some_and(|s| s.used + bytes <= self.limit(tiers, t)) && tiers.can_alloc(t, bytes as usize)
     }
 
-    /// Whether chunk `i` can come to the device now without a write-back and without evicting
-    /// anything needed sooner than it; evicts clean chunks needed later to make the room.
+    /// Whether chunk `i` can come to the device now without evicting anything needed sooner
+    /// than it. Clean chunks needed later are dropped to make the room; a changed one is
+    /// written back (and the prefetch waits for a later call, when the write-back is done).
     fn device_room_for(&mut self, tiers: &Tiers, i: usize, bytes: u64) -> bool {
         let need = self.policy.next_use(self.chunks[i].id).unwrap_or(u64::MAX);
         loop {
@@ -408,15 +409,19 @@ impl Store {
             let cands = self.candidates(Tier::Device, &[i], true);
             let victim = cands
                 .iter()
-                .filter(|c| !c.dirty)
-                .filter_map(|c| Some((self.policy.next_use(c.id)?, c.id)))
-                .filter(|&(n, _)| n > need)
+                .filter_map(|c| Some((self.policy.next_use(c.id)?, !c.dirty, c.id)))
+                .filter(|&(n, _, _)| n > need)
                 .max();
-            let Some((_, id)) = victim else { return false };
+            let Some((_, clean, id)) = victim else { return false };
             let v = self.by_id[&id];
-            self.chunks[v].copies[0] = None;
-            self.chunks[v].valid[0] = false;
-            self.stats.clean_drops += 1;
+            if clean {
+                self.chunks[v].copies[0] = None;
+                self.chunks[v].valid[0] = false;
+                self.stats.clean_drops += 1;
+            } else {
+                let _ = self.evict(tiers, v, Tier::Device, &[i]);
+                return false;
+            }
         }
     }
 }

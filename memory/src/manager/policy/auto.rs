@@ -1,5 +1,7 @@
 //! Auto placement: trace one iteration, then use the trace as the future.
 //!
+//! Until a trace exists, the chunks' registration order (which is their first-use order) stands
+//! in for it, so the warm-up iteration already evicts what a forward sweep needs last.
 //! The first iteration records the access sequence and the peak non-model memory; afterwards
 //! chunks get the device's capacity minus that peak, eviction takes the chunk used furthest in
 //! the future of the trace, and prefetch follows it. When an iteration's accesses differ from
@@ -11,6 +13,8 @@ use crate::tier::ChunkId;
 
 pub struct AutoPolicy {
     trace: Future,
+    /// Registration order, cyclic: the guess used before the first trace.
+    prior: Future,
     recording: Vec<ChunkId>,
     /// Whether the current iteration has deviated from the trace.
     changed: bool,
@@ -20,9 +24,11 @@ pub struct AutoPolicy {
 }
 
 impl AutoPolicy {
-    pub fn new() -> Self {
+    /// `order`: every chunk in registration (first-use) order.
+    pub fn new(order: Vec<ChunkId>) -> Self {
         AutoPolicy {
             trace: Future::default(),
+            prior: Future::new(order, true),
             recording: Vec::new(),
             changed: false,
             non_model_peak: 0,
@@ -31,15 +37,17 @@ impl AutoPolicy {
         }
     }
 
+    fn future(&self) -> &Future {
+        if self.trace.is_empty() {
+            &self.prior
+        } else {
+            &self.trace
+        }
+    }
+
     /// How many times the trace was replaced after the first.
     pub fn retraces(&self) -> u64 {
         self.retraces
-    }
-}
-
-impl Default for AutoPolicy {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -50,6 +58,7 @@ impl Policy for AutoPolicy {
 
     fn on_access(&mut self, id: ChunkId) {
         self.recording.push(id);
+        self.prior.advance(id);
         if !self.trace.is_empty() && !self.trace.advance(id) {
             self.changed = true;
         }
@@ -79,17 +88,14 @@ impl Policy for AutoPolicy {
     }
 
     fn victim(&self, candidates: &[Candidate]) -> Option<ChunkId> {
-        if self.trace.is_empty() {
-            return candidates.iter().min_by_key(|c| c.last_use).map(|c| c.id);
-        }
-        furthest(candidates, |id| self.trace.next_use(id))
+        furthest(candidates, |id| self.future().next_use(id))
     }
 
     fn next_use(&self, id: ChunkId) -> Option<u64> {
-        (!self.trace.is_empty()).then(|| self.trace.next_use(id))
+        Some(self.future().next_use(id))
     }
 
     fn upcoming(&self, n: usize) -> Vec<ChunkId> {
-        self.trace.upcoming(n)
+        self.future().upcoming(n)
     }
 }

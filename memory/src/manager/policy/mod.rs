@@ -101,7 +101,7 @@ pub(crate) fn furthest(candidates: &[Candidate], next_use: impl Fn(ChunkId) -> u
 pub fn build(kind: PolicyKind, chunks: &[(ChunkId, u64, bool)]) -> Box<dyn Policy> {
     match kind {
         PolicyKind::Static { param_frac, optim_frac } => Box::new(StaticPolicy::new(param_frac, optim_frac, chunks)),
-        PolicyKind::Auto => Box::new(AutoPolicy::new()),
+        PolicyKind::Auto => Box::new(AutoPolicy::new(chunks.iter().map(|c| c.0).collect())),
         PolicyKind::Optimal => Box::new(OptimalPolicy::new()),
         PolicyKind::Lru => Box::new(LruPolicy),
     }

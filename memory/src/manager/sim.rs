@@ -291,6 +291,18 @@ mod tests {
     }
 
     #[test]
+    fn auto_stays_within_ten_percent_of_the_minimum() {
+        for t in [transformer_trace(8, 2, 1 << 20, 4), ppo_trace(6, 2, 1 << 20, 4, 3)] {
+            for frac in [0.25, 0.5, 0.75] {
+                let cap = (t.model_bytes() as f64 * frac) as u64;
+                let min = belady(&t, cap).unwrap().bytes_fetched as f64;
+                let auto = simulate(&t, PolicyKind::Auto, cap).unwrap().bytes_fetched as f64;
+                assert!(auto / min <= 1.10, "{} at {frac}: auto {:.3} of the minimum", t.name, auto / min);
+            }
+        }
+    }
+
+    #[test]
     fn a_budget_smaller_than_the_pinned_set_is_refused() {
         let t = transformer_trace(2, 1, 1 << 20, 1);
         let kind = PolicyKind::Static { param_frac: 1.0, optim_frac: 1.0 };

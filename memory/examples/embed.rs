@@ -109,12 +109,12 @@ fn main() -> stowage_memory::Result<()> {
 
     // The access order of one step, declared for the optimal policy.
     let mut schedule: Vec<ChunkRef> = (0..LAYERS).map(|l| chunk(w[l], Role::Param)).collect();
-    for l in (0..LAYERS).rev() {
-        schedule.push(chunk(w[l], Role::Param));
-        schedule.push(chunk(w[l], Role::Grad));
+    for &wl in w.iter().rev() {
+        schedule.push(chunk(wl, Role::Param));
+        schedule.push(chunk(wl, Role::Grad));
     }
-    for l in 0..LAYERS {
-        schedule.extend([Role::Param, Role::Grad, Role::Moment1, Role::Moment2].map(|r| chunk(w[l], r)));
+    for &wl in &w {
+        schedule.extend([Role::Param, Role::Grad, Role::Moment1, Role::Moment2].map(|r| chunk(wl, r)));
     }
     m.set_schedule(&schedule);
 

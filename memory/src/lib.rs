@@ -23,6 +23,7 @@ mod host;
 mod lane;
 pub mod manager;
 pub mod nvme;
+pub mod optim;
 mod pool;
 pub mod tier;
 mod tiers;

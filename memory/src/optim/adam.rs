@@ -124,40 +124,48 @@ fn update(s: &StepScalars, p: &mut f32, m: &mut f32, v: &mut f32, g: f32) -> f32
     pi
 }
 
-macro_rules! sweep_body {
-    ($s:expr, $p:expr, $m:expr, $v:expr, $g:expr, $out:expr) => {{
-        let (s, p, m, v) = ($s, $p, $m, $v);
-        match ($g, $out) {
-            (Grads::F32(g), out) => {
-                for i in 0..p.len() {
-                    let x = update(s, &mut p[i], &mut m[i], &mut v[i], g[i]);
-                    write_out(out, i, x);
-                }
-            }
-            (Grads::BF16(g), out) => {
-                for i in 0..p.len() {
-                    let x = update(s, &mut p[i], &mut m[i], &mut v[i], bf16_to_f32(g[i]));
-                    write_out(out, i, x);
-                }
-            }
-            (Grads::F16(g), out) => {
-                for i in 0..p.len() {
-                    let x = update(s, &mut p[i], &mut m[i], &mut v[i], f16_to_f32(g[i]));
-                    write_out(out, i, x);
-                }
+/// The loop over one chunk: zipped iterators (no bounds checks), one loop per gradient and
+/// output type so the body is branch-free and the compiler vectorises it.
+#[inline(always)]
+fn sweep_typed<G: Copy, O>(s: &StepScalars, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[G], conv: impl Fn(G) -> f32, out: Option<(&mut [O], fn(f32) -> O)>) {
+    match out {
+        Some((o, store)) => {
+            for ((((p, m), v), &g), o) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g).zip(o.iter_mut()) {
+                *o = store(update(s, p, m, v, conv(g)));
             }
         }
-    }};
+        None => {
+            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                update(s, p, m, v, conv(g));
+            }
+        }
+    }
 }
 
 #[inline(always)]
-fn write_out(out: &mut ParamsOut<'_>, i: usize, x: f32) {
-    match out {
-        ParamsOut::None => {}
-        ParamsOut::F32(o) => o[i] = x,
-        ParamsOut::BF16(o) => o[i] = f32_to_bf16(x),
-        ParamsOut::F16(o) => o[i] = f32_to_f16(x),
-    }
+fn identity(x: f32) -> f32 {
+    x
+}
+
+macro_rules! sweep_body {
+    ($s:expr, $p:expr, $m:expr, $v:expr, $g:expr, $out:expr) => {{
+        let (s, p, m, v) = ($s, $p, $m, $v);
+        macro_rules! with_out {
+            ($gs:expr, $conv:expr) => {
+                match $out {
+                    ParamsOut::None => sweep_typed::<_, f32>(s, p, m, v, $gs, $conv, None),
+                    ParamsOut::F32(o) => sweep_typed(s, p, m, v, $gs, $conv, Some((&mut **o, identity as fn(f32) -> f32))),
+                    ParamsOut::BF16(o) => sweep_typed(s, p, m, v, $gs, $conv, Some((&mut **o, f32_to_bf16 as fn(f32) -> u16))),
+                    ParamsOut::F16(o) => sweep_typed(s, p, m, v, $gs, $conv, Some((&mut **o, f32_to_f16 as fn(f32) -> u16))),
+                }
+            };
+        }
+        match $g {
+            Grads::F32(g) => with_out!(g, identity),
+            Grads::BF16(g) => with_out!(g, bf16_to_f32),
+            Grads::F16(g) => with_out!(g, f16_to_f32),
+        }
+    }};
 }
 
 fn sweep_portable(s: &StepScalars, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: Grads<'_>, out: &mut ParamsOut<'_>) {

@@ -124,10 +124,13 @@ fn update(s: &StepScalars, p: &mut f32, m: &mut f32, v: &mut f32, g: f32) -> f32
     pi
 }
 
+/// An output slice and the conversion that fills it.
+type Out<'a, O> = Option<(&'a mut [O], fn(f32) -> O)>;
+
 /// The loop over one chunk: zipped iterators (no bounds checks), one loop per gradient and
 /// output type so the body is branch-free and the compiler vectorises it.
 #[inline(always)]
-fn sweep_typed<G: Copy, O>(s: &StepScalars, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[G], conv: impl Fn(G) -> f32, out: Option<(&mut [O], fn(f32) -> O)>) {
+fn sweep_typed<G: Copy, O>(s: &StepScalars, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[G], conv: impl Fn(G) -> f32, out: Out<'_, O>) {
     match out {
         Some((o, store)) => {
             for ((((p, m), v), &g), o) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g).zip(o.iter_mut()) {

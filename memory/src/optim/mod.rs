@@ -10,11 +10,13 @@
 mod adam;
 pub mod convert;
 mod scaler;
+mod stream;
 
 use rayon::prelude::*;
 
 pub use adam::{detect_isa, AdamConfig, Grads, Isa, ParamsOut};
 pub use scaler::{grad_multiplier, grad_sq_sum, LossScaler, ScalerConfig};
+pub use stream::{update_streamed, NvmeState};
 
 use crate::error::{Error, Result};
 use adam::StepScalars;

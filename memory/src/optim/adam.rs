@@ -69,9 +69,12 @@ pub enum ParamsOut<'a> {
     F16(&'a mut [u16]),
 }
 
-/// Per-step scalars, computed once.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct StepScalars {
+/// Per-step scalars, computed once (in f64, rounded once). A GPU-side update of chunks whose
+/// state sits on the device uses the same ones, so both paths agree:
+/// `g' = g * grad_mult + l2 * p; m = beta1 m + om_beta1 g'; v = beta2 v + om_beta2 g'^2;
+///  p -= lr_wd * p + step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct StepScalars {
     /// Multiplies every gradient: loss-scale unscaling and clipping folded together.
     pub grad_mult: f32,
     pub beta1: f32,
@@ -92,7 +95,8 @@ pub(crate) struct StepScalars {
 }
 
 impl StepScalars {
-    pub(crate) fn new(c: &AdamConfig, step: u64, grad_mult: f32) -> Self {
+    /// The scalars of step `step` (from 1) with gradient multiplier `grad_mult`.
+    pub fn new(c: &AdamConfig, step: u64, grad_mult: f32) -> Self {
         let t = step.max(1) as i32;
         let bc1 = 1.0 - (c.beta1 as f64).powi(t);
         let bc2 = 1.0 - (c.beta2 as f64).powi(t);

@@ -14,12 +14,11 @@ mod stream;
 
 use rayon::prelude::*;
 
-pub use adam::{detect_isa, AdamConfig, Grads, Isa, ParamsOut};
+pub use adam::{detect_isa, AdamConfig, Grads, Isa, ParamsOut, StepScalars};
 pub use scaler::{grad_multiplier, grad_sq_sum, LossScaler, ScalerConfig};
 pub use stream::{update_streamed, NvmeState};
 
 use crate::error::{Error, Result};
-use adam::StepScalars;
 
 /// Elements per parallel task (a multiple of 64 keeps every task's start cache-line aligned).
 const TASK: usize = 1 << 16;

@@ -288,3 +288,50 @@ fn a_model_that_cannot_fit_is_refused_with_the_budgets() {
     assert!(msg.contains("device 1048576") && msg.contains("host 1048576"), "{msg}");
     let _ = dir;
 }
+
+#[test]
+fn a_full_disk_fails_the_access_that_needs_room_and_loses_nothing() {
+    use stowage_memory::{FaultInjector, IoKind};
+    let dir = scratch();
+    let faults = FaultInjector::new();
+    let cb = (CHUNK * 4) as u64;
+    let cfg = ManagerConfig {
+        tiers: TiersConfig::default()
+            .with_device(DeviceChoice::Simulated, 2 * cb)
+            .with_host_budget(3 * cb)
+            .with_arena_bytes(3 * cb as usize)
+            .with_nvme(NvmeConfig::new(dir.path()).with_budget(64 * cb).with_faults(faults.clone())),
+        policy: PolicyKind::Lru,
+        chunk_size: ChunkSize::Fixed(CHUNK),
+        prefetch_depth: 0,
+        trace: false,
+    };
+    let mut b = Manager::builder(cfg);
+    let g = b.group("m", &[(Role::Param, DType::F32)]);
+    let ids: Vec<TensorId> = (0..8).map(|i| b.tensor(g, &format!("t{i}"), &[CHUNK])).collect();
+    let m = b.build().unwrap();
+    let write = |t: TensorId, v: u32| -> Result<(), Error> {
+        let mut a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Write)?;
+        a.slice_mut::<u32>(t, Role::Param)?.fill(v);
+        Ok(())
+    };
+    for (k, &t) in ids.iter().enumerate().take(4) {
+        write(t, k as u32 + 1).unwrap();
+    }
+    faults.fail_all(IoKind::Write, libc::ENOSPC);
+    // Writing more chunks needs room below, which needs NVMe: it must fail cleanly, not hang.
+    let mut failed = None;
+    for (k, &t) in ids.iter().enumerate().skip(4) {
+        if let Err(e) = write(t, k as u32 + 1) {
+            failed = Some(e);
+            break;
+        }
+    }
+    assert!(matches!(failed, Some(Error::NoSpace { .. })), "{failed:?}");
+    faults.clear();
+    m.quiesce();
+    for (k, &t) in ids.iter().enumerate().take(4) {
+        let a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Read).unwrap();
+        assert!(a.slice::<u32>(t, Role::Param).unwrap().iter().all(|&x| x == k as u32 + 1), "chunk {k} survived the full disk");
+    }
+}

@@ -156,6 +156,7 @@ impl ManagerBuilder {
             stats: ManagerStats::default(),
             tracer: self.cfg.trace.then(Tracer::new),
             prefetch_depth: self.cfg.prefetch_depth,
+            evict_error: None,
         };
         Ok(Manager {
             tiers,

@@ -98,6 +98,8 @@ pub(crate) struct Store {
     pub stats: ManagerStats,
     pub tracer: Option<Tracer>,
     pub prefetch_depth: usize,
+    /// The last failed eviction's error, for the next caller making room.
+    pub evict_error: Option<Error>,
 }
 
 /// What `wait_one` found.
@@ -153,10 +155,16 @@ impl Store {
                 }
             }
             Err(f) => {
-                // The source still holds the data; the destination is released.
+                // The source still holds the data; the destination is released. A failed fetch
+                // fails the access waiting for it; a failed eviction fails whoever is making
+                // room; a failed prefetch only costs the prefetch (the access will fetch again).
                 c.copies[ti(m.from)] = Some(f.src);
                 log::warn!("moving chunk {} {}->{} failed: {}", c.id, m.from, m.to, f.error);
-                c.error = Some(f.error);
+                match m.kind {
+                    MoveKind::Fetch => c.error = Some(f.error),
+                    MoveKind::Evict => self.evict_error = Some(f.error),
+                    MoveKind::Prefetch => {}
+                }
             }
         }
     }
@@ -260,6 +268,9 @@ impl Store {
     /// something was started or must be waited for (call again after reaping/waiting), or an
     /// error when nothing can make room.
     pub(crate) fn room(&mut self, tiers: &Tiers, t: Tier, bytes: u64, exclude: &[usize]) -> Result<bool> {
+        if let Some(e) = self.evict_error.take() {
+            return Err(e);
+        }
         let used = tiers.stats(t).map_or(0, |s| s.used);
         let limit = self.limit(tiers, t);
         if used + bytes <= limit && tiers.can_alloc(t, bytes as usize) {

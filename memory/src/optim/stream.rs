@@ -43,6 +43,20 @@ fn wait_all(ts: Vec<Transfer>) -> Result<Vec<(Slot, Slot)>> {
     }
 }
 
+/// A chunk's state being written: the writes, the NVMe slots they replace, the ids.
+type Writing = (Vec<Transfer>, Vec<Slot>, [ChunkId; 3]);
+
+/// Waits for a chunk's writes, then releases the slots they replace.
+fn finish_writes((writes, old, ids): Writing) -> Result<NvmeState> {
+    let written = wait_all(writes)?;
+    drop(old);
+    let slots: Vec<Slot> = written.into_iter().map(|(_host, disk)| disk).collect();
+    Ok(NvmeState {
+        ids,
+        slots: slots.try_into().expect("three slots"),
+    })
+}
+
 fn read(tiers: &Tiers, s: NvmeState) -> Result<(Vec<Transfer>, [ChunkId; 3])> {
     let mut ts = Vec::with_capacity(3);
     for (id, slot) in s.ids.into_iter().zip(s.slots) {
@@ -80,7 +94,7 @@ pub fn update_streamed(
     let n = states.len();
     let mut pending = states.into_iter();
     let mut next = pending.next().map(|s| read(tiers, s)).transpose()?;
-    let mut writing: Option<(Vec<Transfer>, Vec<Slot>, [ChunkId; 3])> = None;
+    let mut writing: Option<Writing> = None;
     let mut done = Vec::with_capacity(n);
     for (i, out) in outs.drain(..).enumerate() {
         let (reads, ids) = next.take().expect("one read per chunk");
@@ -99,14 +113,8 @@ pub fn update_streamed(
             opt.update(step, grad_mult, &mut p[..len], &mut m[..len], &mut v[..len], grads[i], out)?;
         }
         // The previous chunk's writes must be on disk before its old slots go.
-        if let Some((ws, old, ids)) = writing.take() {
-            let written = wait_all(ws)?;
-            drop(old);
-            let slots: Vec<Slot> = written.into_iter().map(|(_host, disk)| disk).collect();
-            done.push(NvmeState {
-                ids,
-                slots: slots.try_into().expect("three slots"),
-            });
+        if let Some(w) = writing.take() {
+            done.push(finish_writes(w)?);
         }
         let mut ws = Vec::with_capacity(3);
         for (id, h) in ids.iter().zip(host) {
@@ -115,14 +123,8 @@ pub fn update_streamed(
         }
         writing = Some((ws, old, ids));
     }
-    if let Some((ws, old, ids)) = writing.take() {
-        let written = wait_all(ws)?;
-        drop(old);
-        let slots: Vec<Slot> = written.into_iter().map(|(_host, disk)| disk).collect();
-        done.push(NvmeState {
-            ids,
-            slots: slots.try_into().expect("three slots"),
-        });
+    if let Some(w) = writing.take() {
+        done.push(finish_writes(w)?);
     }
     Ok(done)
 }

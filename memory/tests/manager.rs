@@ -129,17 +129,24 @@ proptest! {
         let n = sizes.len();
         let ops: Vec<Op> = ops.into_iter().map(|mut o| { o.tensors.iter_mut().for_each(|t| *t %= n); o }).collect();
         for policy in policies() {
-            let dir = scratch();
-            // Without NVMe the host must hold everything; with it, the host is tight too.
-            let host = if use_nvme { 4 } else { 64 };
-            let m = manager(dir.path(), &sizes, policy, device_chunks, use_nvme, host);
-            run(&m, &ops, n);
+            let (sizes, ops) = (sizes.clone(), ops.clone());
+            common::within(60, move || {
+                let dir = scratch();
+                // Without NVMe the host must hold everything; with it, the host is tight too.
+                let host = if use_nvme { 4 } else { 64 };
+                let m = manager(dir.path(), &sizes, policy, device_chunks, use_nvme, host);
+                run(&m, &ops, n);
+            });
         }
     }
 }
 
 #[test]
 fn concurrent_accesses_from_many_threads_neither_corrupt_nor_deadlock() {
+    common::within(120, concurrent_body);
+}
+
+fn concurrent_body() {
     let dir = scratch();
     let sizes = vec![3000; 16];
     let m = manager(dir.path(), &sizes, PolicyKind::Lru, 8, true, 8);

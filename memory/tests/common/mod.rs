@@ -75,3 +75,24 @@ pub fn read_back(tiers: &Tiers, chunk: ChunkId, slot: Slot) -> stowage_memory::R
     let (slot, host) = tiers.copy(chunk, slot, host).wait()?;
     Ok((host.bytes().unwrap().to_vec(), slot))
 }
+
+/// Runs `f` on its own thread and fails the test if it has not finished within `secs`: a hang
+/// (a deadlock or a livelock) becomes a failure instead of a stuck test run.
+pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(v) => {
+            let _ = handle.join();
+            v
+        }
+        // The sender was dropped without a value: the closure panicked; show its message.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!("a value is sent before the thread ends"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("no progress within {secs} s: deadlock or livelock"),
+    }
+}

@@ -145,5 +145,28 @@ impl CpuAdam {
     }
 }
 
+/// Plain SGD with momentum (`buf = momentum * buf + g * grad_mult; p -= lr * buf`), for tests
+/// and as a simple baseline. Single-threaded.
+pub fn sgd_momentum(p: &mut [f32], buf: &mut [f32], g: Grads<'_>, lr: f32, momentum: f32, grad_mult: f32) -> Result<()> {
+    if buf.len() != p.len() || g.len() != p.len() {
+        return Err(Error::InvalidState(format!(
+            "SGD slices differ in length: params {}, momentum {}, grads {}",
+            p.len(),
+            buf.len(),
+            g.len()
+        )));
+    }
+    let conv = |i: usize| match g {
+        Grads::F32(g) => g[i],
+        Grads::BF16(g) => convert::bf16_to_f32(g[i]),
+        Grads::F16(g) => convert::f16_to_f32(g[i]),
+    };
+    for (i, (p, b)) in p.iter_mut().zip(buf.iter_mut()).enumerate() {
+        *b = momentum * *b + conv(i) * grad_mult;
+        *p -= lr * *b;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

@@ -195,3 +195,25 @@ fn mismatched_slices_are_an_error_not_a_panic() {
     let g = vec![0f32; 10];
     assert!(opt.update(1, 1.0, &mut p, &mut m, &mut v, Grads::F32(&g), ParamsOut::None).is_err());
 }
+
+#[test]
+fn sgd_with_momentum_matches_its_formula() {
+    let mut rng = Rng(5);
+    let n = 1001;
+    let mut p: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+    let mut buf = vec![0f32; n];
+    let mut rp: Vec<f64> = p.iter().map(|&x| x as f64).collect();
+    let mut rb = vec![0f64; n];
+    for _ in 0..50 {
+        let g: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+        sgd_momentum(&mut p, &mut buf, Grads::F32(&g), 0.01, 0.9, 0.5).unwrap();
+        for i in 0..n {
+            rb[i] = 0.9 * rb[i] + g[i] as f64 * 0.5;
+            rp[i] -= 0.01 * rb[i];
+        }
+    }
+    let diff: f64 = p.iter().zip(&rp).map(|(&a, &b)| (a as f64 - b).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = rp.iter().map(|b| b * b).sum::<f64>().sqrt();
+    assert!(diff / norm < 1e-6, "{:e}", diff / norm);
+    assert!(sgd_momentum(&mut p, &mut buf[..10], Grads::F32(&[0.0; 1001]), 0.1, 0.9, 1.0).is_err());
+}

@@ -26,6 +26,7 @@ pub fn report(nvme_dir: Option<&Path>, engine: EngineKind) -> stowage_memory::Re
         "device": device,
         "host": { "page_locked": tiers.device_kind() == Some(DeviceKind::Cuda), "slot_align": tiers.slot_align() },
         "nvme": nvme,
+        "libtorch": { "cuda": tch::Cuda::is_available(), "cuda_devices": tch::Cuda::device_count() },
         "notes": tiers.notes(),
     });
     Ok((tiers, report))
@@ -54,6 +55,10 @@ pub fn run(nvme_dir: Option<&Path>, engine: EngineKind, json: bool) -> stowage_m
         ),
         None => println!("nvme:   not configured (pass --nvme-dir DIR)"),
     }
+    println!(
+        "torch:  libtorch linked, CUDA {}",
+        if tch::Cuda::is_available() { format!("available ({} devices)", tch::Cuda::device_count()) } else { "not available".into() }
+    );
     for n in tiers.notes() {
         println!("note:   {n}");
     }

@@ -126,12 +126,11 @@ fn main() {
     let bf16 = time(true);
     // Both variants move 28 bytes per parameter (bf16: 2-byte gradients in, a 2-byte copy out).
     let (bound, bw) = bandwidth_bound(opt.threads(), &mut p, &mut m, &mut v, &g32);
-    let bound_bf16 = bound;
     let torch = args.torch_python.as_ref().map(|py| torch_anchor(py, &from_root(&args.anchor), n));
 
     let mut t = Table::new(&["variant", "Mparams/s", "of bandwidth bound"]);
     t.row(&["ours, fp32 grads", &format!("{:.0}", fp32 / 1e6), &format!("{:.0}%", 100.0 * fp32 / bound)]);
-    t.row(&["ours, bf16 grads + bf16 copy", &format!("{:.0}", bf16 / 1e6), &format!("{:.0}%", 100.0 * bf16 / bound_bf16)]);
+    t.row(&["ours, bf16 grads + bf16 copy", &format!("{:.0}", bf16 / 1e6), &format!("{:.0}%", 100.0 * bf16 / bound)]);
     t.row(&["bandwidth bound", &format!("{:.0}", bound / 1e6), &format!("{:.1} GB/s at 28 B/param", bw / 1e9)]);
     let torch_fused = torch.as_ref().and_then(|t| t["fused_params_per_s"].as_f64());
     if let Some(c) = torch_fused {

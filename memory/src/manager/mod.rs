@@ -386,9 +386,8 @@ impl Manager {
             match self.start_fetch(&mut g.store, i, idx) {
                 Ok(true) => {}
                 Ok(false) => g = self.wait(g, None),
-                Err(e @ Error::OverBudget { tier: Tier::Device, .. }) if relocations < 4 && self.fragmented(&g.store, idx) => {
+                Err(Error::OverBudget { tier: Tier::Device, .. }) if relocations < 4 && self.fragmented(&g.store, idx) => {
                     relocations += 1;
-                    let before = self.signature(&g.store);
                     // The bytes fit but not in one piece: clear the device of everything no
                     // other access holds (this access's chunks included) and bring this
                     // access's chunks up largest first, which packs them without holes.
@@ -407,14 +406,9 @@ impl Manager {
                         }
                         progressed |= g.store.chunks[j].copies[0].is_none() || g.store.chunks[j].moving.is_some();
                     }
-                    if !progressed {
-                        // Write-backs wait for room below: wait for a move, or give up when
-                        // nothing moves and nothing changed.
-                        if g.store.chunks.iter().any(|c| c.moving.is_some()) {
-                            g = self.wait(g, None);
-                        } else if self.signature(&g.store) == before {
-                            return (g, Err(e));
-                        }
+                    // Write-backs may wait for room below; the relocation count bounds retries.
+                    if !progressed && g.store.chunks.iter().any(|c| c.moving.is_some()) {
+                        g = self.wait(g, None);
                     }
                     pending = idx.to_vec();
                     pending.sort_by_key(|&i| std::cmp::Reverse(g.store.chunks[i].bytes));
@@ -423,12 +417,6 @@ impl Manager {
             }
         }
         (g, Ok(()))
-    }
-
-    /// A summary that changes whenever the store makes progress (for loop detection).
-    fn signature(&self, s: &Store) -> (Vec<u64>, usize) {
-        let used = Tier::ALL.iter().filter_map(|&t| self.tiers.stats(t)).map(|st| st.used).collect();
-        (used, s.chunks.iter().filter(|c| c.moving.is_some()).count())
     }
 
     /// Whether the chunks of an access would fit on the device by bytes alone.
@@ -457,7 +445,7 @@ impl Manager {
 
     /// Waits for one in-flight move (chunk `only`'s, or any) outside the lock.
     fn wait<'a>(&'a self, mut g: MutexGuard<'a, Inner>, only: Option<usize>) -> MutexGuard<'a, Inner> {
-        match g.store.wait_one(only, None) {
+        match g.store.wait_one(only) {
             Waited::Take(i, t) => {
                 drop(g);
                 let r = t.wait_timed();
@@ -637,16 +625,22 @@ impl Access<'_> {
         Ok(self.addrs[k].0 + off as u64)
     }
 
-    /// A tensor's elements, when the device is CPU-addressable (the simulated device).
-    pub fn slice<T: bytemuck::Pod>(&self, tensor: TensorId, role: Role) -> Result<&[T]> {
+    /// A tensor's bytes as (pointer, length), when the device is CPU-addressable.
+    fn cpu_bytes(&self, tensor: TensorId, role: Role) -> Result<(*mut u8, usize)> {
         let (k, off, len) = self.locate(tensor, role)?;
         let (addr, _, cpu) = self.addrs[k];
         if !cpu {
             return Err(Error::unsupported("a CPU slice of GPU memory", "use tensor_addr with a GPU kernel"));
         }
+        Ok(((addr + off as u64) as *mut u8, len))
+    }
+
+    /// A tensor's elements, when the device is CPU-addressable (the simulated device).
+    pub fn slice<T: bytemuck::Pod>(&self, tensor: TensorId, role: Role) -> Result<&[T]> {
+        let (ptr, len) = self.cpu_bytes(tensor, role)?;
         // SAFETY: the chunk is pinned on the device while this guard lives (compute flag), the
         // range lies inside its slot, and the slot's memory is CPU-addressable.
-        let bytes = unsafe { std::slice::from_raw_parts((addr + off as u64) as *const u8, len) };
+        let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
         bytemuck::try_cast_slice(bytes).map_err(|e| Error::unsupported("viewing the tensor with this element type", e.to_string()))
     }
 
@@ -655,14 +649,10 @@ impl Access<'_> {
         if self.mode != Mode::Write {
             return Err(Error::InvalidState("writing through a read access".into()));
         }
-        let (k, off, len) = self.locate(tensor, role)?;
-        let (addr, _, cpu) = self.addrs[k];
-        if !cpu {
-            return Err(Error::unsupported("a CPU slice of GPU memory", "use tensor_addr with a GPU kernel"));
-        }
+        let (ptr, len) = self.cpu_bytes(tensor, role)?;
         // SAFETY: as in `slice`; `&mut self` and the chunk's exclusive compute flag (no other
         // access may hold it) make this the only view.
-        let bytes = unsafe { std::slice::from_raw_parts_mut((addr + off as u64) as *mut u8, len) };
+        let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
         bytemuck::try_cast_slice_mut(bytes).map_err(|e| Error::unsupported("viewing the tensor with this element type", e.to_string()))
     }
 

@@ -169,17 +169,14 @@ impl Store {
         }
     }
 
-    /// Finds an in-flight move to wait for: chunk `only`'s, or any move out of `from`.
-    pub(crate) fn wait_one(&mut self, only: Option<usize>, from: Option<Tier>) -> Waited {
+    /// Finds an in-flight move to wait for: chunk `only`'s, or any.
+    pub(crate) fn wait_one(&mut self, only: Option<usize>) -> Waited {
         let mut elsewhere = false;
         for (i, c) in self.chunks.iter_mut().enumerate() {
             if only.is_some_and(|o| o != i) {
                 continue;
             }
             let Some(m) = c.moving.as_mut() else { continue };
-            if from.is_some_and(|f| f != m.from) {
-                continue;
-            }
             match m.transfer.take() {
                 Some(t) => return Waited::Take(i, t),
                 None => elsewhere = true,

@@ -625,6 +625,13 @@ impl Access<'_> {
         Ok(self.addrs[k].0 + off as u64)
     }
 
+    /// Device address, element count and element type of a tensor in this access.
+    pub fn tensor_info(&self, tensor: TensorId, role: Role) -> Result<(u64, usize, DType)> {
+        let (k, off, len) = self.locate(tensor, role)?;
+        let dtype = self.mgr.layouts[tensor.group].dtype(role).ok_or_else(|| Error::InvalidState(format!("role {role:?} is not registered")))?;
+        Ok((self.addrs[k].0 + off as u64, len / dtype.size(), dtype))
+    }
+
     /// A tensor's bytes as (pointer, length), when the device is CPU-addressable.
     fn cpu_bytes(&self, tensor: TensorId, role: Role) -> Result<(*mut u8, usize)> {
         let (k, off, len) = self.locate(tensor, role)?;
@@ -654,6 +661,67 @@ impl Access<'_> {
         // access may hold it) make this the only view.
         let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
         bytemuck::try_cast_slice_mut(bytes).map_err(|e| Error::unsupported("viewing the tensor with this element type", e.to_string()))
+    }
+
+    /// Whether the access may write its chunks.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Whether the chunks' memory is CPU-addressable (the simulated device) rather than GPU
+    /// memory.
+    pub fn cpu_addressable(&self) -> bool {
+        self.addrs.iter().all(|a| a.2)
+    }
+
+    /// The whole `k`-th chunk of this access as elements (padding between tensors included; it
+    /// is zero unless written). CPU-addressable devices only.
+    pub fn chunk_slice<T: bytemuck::Pod>(&self, k: usize) -> Result<&[T]> {
+        let (addr, len, cpu) = *self.addrs.get(k).ok_or_else(|| Error::InvalidState(format!("chunk {k} is not in this access")))?;
+        if !cpu {
+            return Err(Error::unsupported("a CPU slice of GPU memory", "use chunk() with a GPU kernel"));
+        }
+        // SAFETY: the chunk is pinned on the device while this guard lives, `len` is its slot
+        // length and the slot's memory is CPU-addressable.
+        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+        bytemuck::try_cast_slice(bytes).map_err(|e| Error::unsupported("viewing the chunk with this element type", e.to_string()))
+    }
+
+    /// The whole `k`-th chunk for writing (the access must be `Mode::Write`).
+    pub fn chunk_slice_mut<T: bytemuck::Pod>(&mut self, k: usize) -> Result<&mut [T]> {
+        if self.mode != Mode::Write {
+            return Err(Error::InvalidState("writing through a read access".into()));
+        }
+        let (addr, len, cpu) = *self.addrs.get(k).ok_or_else(|| Error::InvalidState(format!("chunk {k} is not in this access")))?;
+        if !cpu {
+            return Err(Error::unsupported("a CPU slice of GPU memory", "use chunk() with a GPU kernel"));
+        }
+        // SAFETY: as in `chunk_slice`; `&mut self` and the chunk's exclusive compute flag make
+        // this the only view.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+        bytemuck::try_cast_slice_mut(bytes).map_err(|e| Error::unsupported("viewing the chunk with this element type", e.to_string()))
+    }
+
+    /// Every chunk of this access as bytes for writing, in access order (a parameter chunk with
+    /// its gradient, master and moments for the optimizer); cast with `bytemuck`. Slots are
+    /// aligned far beyond any element type.
+    pub fn chunks_bytes_mut(&mut self) -> Result<Vec<&mut [u8]>> {
+        if self.mode != Mode::Write {
+            return Err(Error::InvalidState("writing through a read access".into()));
+        }
+        if !self.cpu_addressable() {
+            return Err(Error::unsupported("a CPU slice of GPU memory", "use chunk() with a GPU kernel"));
+        }
+        Ok(self
+            .addrs
+            .iter()
+            .map(|&(addr, len, _)| {
+                // SAFETY: the chunks of one access are distinct slots (checked by `access`),
+                // pinned on the device while this guard lives and CPU-addressable; `&mut self`
+                // makes these the only views.
+                unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) }
+            })
+            .collect())
     }
 
     /// Releases with the tensors in `HoldAfterBwd` (their gradients were produced).

@@ -1,0 +1,662 @@
+//! The chunked strategy: parameters, gradients, fp32 masters and moments live in Stowage chunks
+//! placed by a policy over device, host and NVMe; the model runs one unit (embedding, each
+//! block, head) at a time.
+//!
+//! A step: forward under `no_grad`, unit by unit, keeping only each unit's input; then backward
+//! from the head: access the unit's parameter chunks (read) and gradient chunks (write),
+//! recompute the unit with autograd on views over the chunks, `run_backward` with the output's
+//! gradient, write the parameter gradients into their chunks, release. Each tensor's squared
+//! gradient norm is taken as its gradient becomes final, so clipping needs no extra sweep. The
+//! update runs per chunk: the memory crate's CPU AdamW where the chunks are CPU-addressable,
+//! libtorch ops over device views otherwise. Without clipping or loss scaling, a chunk's update
+//! starts on a second thread as soon as its gradients are final, overlapping the rest of the
+//! backward pass.
+
+use std::collections::BTreeMap;
+
+use stowage_memory::optim::{CpuAdam, Grads, LossScaler, ParamsOut, StepScalars};
+use stowage_memory::{ChunkRef, ChunkSize, DType, Manager, ManagerConfig, Mode, PolicyKind, Role, TensorId, TiersConfig};
+use tch::{Device, Kind, Tensor};
+
+use super::naive::check_shape;
+use super::{plan, Engine, MemoryReport, ModelSpec, StepStats, TrainOpts};
+use crate::bridge::{chunk_view, view_mut, view_on};
+use crate::error::{HarnessError, Result};
+use crate::model::{block, embed, head, init_tensor, HeadKind};
+use crate::optim::{adamw_, sq_norm};
+
+/// Placement settings of the chunked strategy.
+#[derive(Debug, Clone)]
+pub struct ChunkedOpts {
+    pub tiers: TiersConfig,
+    pub policy: PolicyKind,
+    /// Elements per chunk; default: searched between the largest tensor and twice that.
+    pub chunk_elems: Option<usize>,
+    pub prefetch_depth: usize,
+    /// Record a timeline (`Manager::chrome_trace`).
+    pub trace: bool,
+    /// Overlap chunk updates with the backward pass when no global quantity (clipping norm,
+    /// loss-scale overflow) must be known first.
+    pub pipeline_update: bool,
+    /// CPU AdamW threads (None: one per core).
+    pub adam_threads: Option<usize>,
+}
+
+impl Default for ChunkedOpts {
+    fn default() -> Self {
+        ChunkedOpts {
+            tiers: TiersConfig::default(),
+            policy: PolicyKind::Auto,
+            chunk_elems: None,
+            prefetch_depth: 64,
+            trace: false,
+            pipeline_update: true,
+            adam_threads: None,
+        }
+    }
+}
+
+fn f32s(b: &mut [u8]) -> Result<&mut [f32]> {
+    bytemuck::try_cast_slice_mut(b).map_err(|e| HarnessError::Config(format!("chunk is not f32: {e}")))
+}
+
+fn u16s(b: &mut [u8]) -> Result<&mut [u16]> {
+    bytemuck::try_cast_slice_mut(b).map_err(|e| HarnessError::Config(format!("chunk is not 16-bit: {e}")))
+}
+
+/// Bytes of every chunk role, for fit checks and reports.
+#[derive(Debug, Clone, Default)]
+pub struct Footprint {
+    /// Total chunk bytes per role name.
+    pub per_role: BTreeMap<String, u64>,
+    pub total: u64,
+    /// Device bytes a backward unit needs at once (parameter and gradient chunks).
+    pub unit_max: u64,
+    /// Device bytes one chunk's update needs (every role).
+    pub update_max: u64,
+    pub largest_chunk: u64,
+}
+
+pub struct Chunked {
+    spec: ModelSpec,
+    opts: TrainOpts,
+    copts: ChunkedOpts,
+    mgr: Manager,
+    group: usize,
+    tids: Vec<TensorId>,
+    roles: Vec<(Role, DType)>,
+    /// Per unit (0: embedding, 1..=L: blocks, L+1: head): the tensors it uses.
+    unit_tensors: Vec<Vec<usize>>,
+    unit_chunks: Vec<Vec<usize>>,
+    /// Per tensor: the backward position at which its gradient is first written / final.
+    first_write: Vec<usize>,
+    final_at: Vec<usize>,
+    /// Per backward position: the chunks whose gradients are all final after it.
+    chunks_final: Vec<Vec<usize>>,
+    adam: CpuAdam,
+    step: u64,
+    scaler: Option<LossScaler>,
+    device: Device,
+    ordinal: usize,
+    footprint: Footprint,
+    pipelined: bool,
+    notes: Vec<String>,
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Param => "param",
+        Role::Grad => "grad",
+        Role::Master => "master",
+        Role::Moment1 => "exp_avg",
+        Role::Moment2 => "exp_avg_sq",
+    }
+}
+
+/// Bytes for people: B, KiB, MiB or GiB.
+pub fn human(b: u64) -> String {
+    let f = b as f64;
+    if f >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", f / (1u64 << 30) as f64)
+    } else if f >= (1u64 << 20) as f64 {
+        format!("{:.2} MiB", f / (1u64 << 20) as f64)
+    } else if f >= 1024.0 {
+        format!("{:.1} KiB", f / 1024.0)
+    } else {
+        format!("{b} B")
+    }
+}
+
+impl Chunked {
+    /// Registers the model's tensors, checks it can be placed under the budgets, initialises
+    /// the parameters from `seed` and declares the step's access schedule.
+    pub fn new(spec: ModelSpec, opts: TrainOpts, copts: ChunkedOpts, seed: u64) -> Result<Self> {
+        let roles: Vec<(Role, DType)> = match opts.dtype {
+            DType::F32 => vec![(Role::Param, DType::F32), (Role::Grad, DType::F32), (Role::Moment1, DType::F32), (Role::Moment2, DType::F32)],
+            d => vec![(Role::Param, d), (Role::Grad, d), (Role::Master, DType::F32), (Role::Moment1, DType::F32), (Role::Moment2, DType::F32)],
+        };
+        let max_numel = spec.params.iter().map(|p| p.numel()).max().unwrap_or(1);
+        let chunk_size = match copts.chunk_elems {
+            Some(n) => ChunkSize::Fixed(n),
+            None => ChunkSize::Search {
+                min: max_numel,
+                max: 2 * max_numel,
+                step: (max_numel / 16).max(1),
+            },
+        };
+        let cfg = ManagerConfig {
+            tiers: copts.tiers.clone(),
+            policy: copts.policy,
+            chunk_size,
+            prefetch_depth: copts.prefetch_depth,
+            trace: copts.trace,
+        };
+        let mut b = Manager::builder(cfg);
+        let group = b.group(&spec.cfg.name, &roles);
+        let tids: Vec<TensorId> = spec.params.iter().map(|p| b.tensor(group, &p.name, &p.shape)).collect();
+        let mgr = b.build()?;
+
+        let l = spec.cfg.n_layer;
+        let u = &spec.units;
+        let mut unit_tensors: Vec<Vec<usize>> = vec![u.embed.clone().collect()];
+        unit_tensors.extend(u.blocks.iter().map(|r| r.clone().collect::<Vec<_>>()));
+        let mut h: Vec<usize> = u.head.clone().collect();
+        if spec.head == HeadKind::Lm {
+            h.push(0); // the tied token embedding
+        }
+        unit_tensors.push(h);
+        let layout = mgr.layout(group);
+        let unit_chunks: Vec<Vec<usize>> = unit_tensors
+            .iter()
+            .map(|ts| {
+                let mut c: Vec<usize> = ts.iter().map(|&t| layout.tensors[t].placement.chunk).collect();
+                c.sort_unstable();
+                c.dedup();
+                c
+            })
+            .collect();
+        // Backward position j runs unit L+1-j.
+        let n_pos = l + 2;
+        let mut first_write = vec![usize::MAX; spec.params.len()];
+        let mut final_at = vec![0; spec.params.len()];
+        for j in 0..n_pos {
+            for &t in &unit_tensors[l + 1 - j] {
+                first_write[t] = first_write[t].min(j);
+                final_at[t] = j;
+            }
+        }
+        let n_chunks = layout.chunk_sizes.len();
+        let mut chunk_final = vec![0; n_chunks];
+        for (t, info) in layout.tensors.iter().enumerate() {
+            let c = info.placement.chunk;
+            chunk_final[c] = chunk_final[c].max(final_at[t]);
+        }
+        let mut chunks_final = vec![Vec::new(); n_pos];
+        for (c, &j) in chunk_final.iter().enumerate() {
+            chunks_final[j].push(c);
+        }
+
+        // What the budgets must hold.
+        let bytes = |i: usize, r: Role| layout.chunk_bytes(i, r).unwrap_or(0) as u64;
+        let mut fp = Footprint::default();
+        for &(r, _) in &roles {
+            let t: u64 = (0..n_chunks).map(|i| bytes(i, r)).sum();
+            fp.per_role.insert(role_name(r).into(), t);
+            fp.total += t;
+            fp.largest_chunk = fp.largest_chunk.max((0..n_chunks).map(|i| bytes(i, r)).max().unwrap_or(0));
+        }
+        fp.unit_max = unit_chunks.iter().map(|cs| cs.iter().map(|&i| bytes(i, Role::Param) + bytes(i, Role::Grad)).sum()).max().unwrap_or(0);
+        fp.update_max = (0..n_chunks).map(|i| roles.iter().map(|&(r, _)| bytes(i, r)).sum()).max().unwrap_or(0);
+        let t = copts.tiers.clone();
+        let device_budget = if t.device.choice == stowage_memory::DeviceChoice::None { 0 } else { t.device.budget };
+        let need_device = fp.unit_max.max(fp.update_max);
+        let nvme_budget = t.nvme.as_ref().map(|n| n.budget);
+        let roles_list = fp.per_role.iter().map(|(k, v)| format!("{k} {}", human(*v))).collect::<Vec<_>>().join(", ");
+        if need_device > device_budget {
+            return Err(HarnessError::DoesNotFit(format!(
+                "the device needs at least {} at once (a block's parameter and gradient chunks: {}; one chunk's optimizer set: {}), its budget is {}; raise --device-budget or use a smaller --chunk-elems",
+                human(need_device),
+                human(fp.unit_max),
+                human(fp.update_max),
+                human(device_budget)
+            )));
+        }
+        let below = t.host_budget.saturating_add(nvme_budget.unwrap_or(0));
+        if fp.total > device_budget.saturating_add(below) {
+            return Err(HarnessError::DoesNotFit(format!(
+                "model state needs {} ({roles_list}); budgets: device {}, host {}, nvme {}; {}",
+                human(fp.total),
+                human(device_budget),
+                human(t.host_budget),
+                nvme_budget.map_or("none".into(), human),
+                if nvme_budget.is_none() { "give --nvme-dir or raise --host-budget" } else { "raise the budgets" }
+            )));
+        }
+        if nvme_budget.is_some() && t.host_budget < 2 * fp.largest_chunk {
+            return Err(HarnessError::DoesNotFit(format!(
+                "moves to and from NVMe stage through the host: it needs at least {} (two of the largest chunk), its budget is {}",
+                human(2 * fp.largest_chunk),
+                human(t.host_budget)
+            )));
+        }
+        let pipelined = copts.pipeline_update && opts.max_norm.is_none() && opts.dtype != DType::F16 && fp.unit_max + fp.update_max <= device_budget;
+
+        let device = match mgr.tiers().device_kind() {
+            Some(stowage_memory::DeviceKind::Cuda) => Device::Cuda(t.device.ordinal),
+            _ => Device::Cpu,
+        };
+        let mut notes: Vec<String> = mgr.tiers().notes().to_vec();
+        if device.is_cuda() && !tch::Cuda::is_available() {
+            return Err(HarnessError::Config(
+                "chunks are on a CUDA device but libtorch sees no GPU: reinstall torch with CUDA (scripts/setup.sh) or use a simulated device".into(),
+            ));
+        }
+        if !device.is_cuda() {
+            notes.push("device tier: simulated (CPU memory under the device budget); compute on the CPU".into());
+        }
+        let adam = CpuAdam::new(opts.adam, copts.adam_threads)?;
+        let mut me = Chunked {
+            scaler: opts.scaler(),
+            spec,
+            opts,
+            copts,
+            mgr,
+            group,
+            tids,
+            roles,
+            unit_tensors,
+            unit_chunks,
+            first_write,
+            final_at,
+            chunks_final,
+            adam,
+            step: 0,
+            device,
+            ordinal: t.device.ordinal,
+            footprint: fp,
+            pipelined,
+            notes,
+        };
+        me.initialise(seed)?;
+        me.mgr.set_schedule(&me.schedule());
+        Ok(me)
+    }
+
+    pub fn manager(&self) -> &Manager {
+        &self.mgr
+    }
+
+    pub fn footprint(&self) -> &Footprint {
+        &self.footprint
+    }
+
+    fn has_master(&self) -> bool {
+        self.roles.iter().any(|r| r.0 == Role::Master)
+    }
+
+    fn refs(&self, chunks: &[usize], role: Role) -> Vec<ChunkRef> {
+        chunks.iter().map(|&index| ChunkRef { group: self.group, index, role }).collect()
+    }
+
+    fn n_chunks(&self) -> usize {
+        self.mgr.layout(self.group).chunk_sizes.len()
+    }
+
+    /// Chunks in the order their updates run: as their gradients become final.
+    fn update_order(&self) -> Vec<usize> {
+        self.chunks_final.iter().flatten().copied().collect()
+    }
+
+    /// The access order of one step, for the policies that follow a schedule.
+    fn schedule(&self) -> Vec<ChunkRef> {
+        let l = self.spec.cfg.n_layer;
+        let mut s = Vec::new();
+        for u in 0..=l {
+            s.extend(self.refs(&self.unit_chunks[u], Role::Param));
+        }
+        for j in 0..l + 2 {
+            let u = l + 1 - j;
+            s.extend(self.refs(&self.unit_chunks[u], Role::Param));
+            s.extend(self.refs(&self.unit_chunks[u], Role::Grad));
+        }
+        for c in self.update_order() {
+            for &(r, _) in &self.roles {
+                s.push(ChunkRef { group: self.group, index: c, role: r });
+            }
+        }
+        s
+    }
+
+    fn sync(&self) {
+        if let Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+
+    /// Writes initial values chunk by chunk.
+    fn initialise(&mut self, seed: u64) -> Result<()> {
+        let n = self.n_chunks();
+        for c in 0..n {
+            let ts: Vec<usize> = self.mgr.layout(self.group).tensors_in(c).map(|(t, _)| t).collect();
+            let values: Vec<(usize, Tensor)> = ts.iter().map(|&t| (t, init_tensor(&self.spec.params[t], seed, t))).collect();
+            self.write_params(c, &values)?;
+        }
+        Ok(())
+    }
+
+    /// Sets tensors of chunk `c` (parameter and master copies) from CPU tensors.
+    fn write_params(&self, c: usize, values: &[(usize, Tensor)]) -> Result<()> {
+        let mut refs = self.refs(&[c], Role::Param);
+        if self.has_master() {
+            refs.extend(self.refs(&[c], Role::Master));
+        }
+        let a = self.mgr.access(&refs, Mode::Write)?;
+        for (t, v) in values {
+            let shape = self.spec.params[*t].shape_i64();
+            for &r in refs.iter().map(|r| &r.role) {
+                let dst = view_mut(&a, self.tids[*t], r, &shape, self.ordinal)?;
+                tch::no_grad(|| dst.shallow_clone().f_copy_(v))?;
+            }
+        }
+        self.sync();
+        Ok(())
+    }
+
+    /// The unit's computation over its parameters `p` (in `unit_tensors` order).
+    fn unit_fn(&self, u: usize, p: &[Tensor], x: &Tensor) -> Tensor {
+        let l = self.spec.cfg.n_layer;
+        if u == 0 {
+            embed(&p[0], &p[1], x, 0)
+        } else if u <= l {
+            block(p, x, self.spec.cfg.n_head, None)
+        } else {
+            let own = self.spec.units.head.len();
+            head(self.spec.head, &p[..own], p.get(own), x).to_kind(Kind::Float)
+        }
+    }
+
+    /// Runs unit `u` without gradients.
+    fn unit_forward(&self, u: usize, x: &Tensor) -> Result<Tensor> {
+        let a = self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Param), Mode::Read)?;
+        let out = {
+            let p = self.unit_tensors[u]
+                .iter()
+                .map(|&t| Ok(view_on(&a, self.tids[t], Role::Param, &self.spec.params[t].shape_i64(), self.ordinal)?.shallow_clone()))
+                .collect::<Result<Vec<Tensor>>>()?;
+            tch::no_grad(|| self.unit_fn(u, &p, x))
+        };
+        self.sync();
+        drop(a);
+        Ok(out)
+    }
+
+    /// Backward of the unit at backward position `j`: returns the input's gradient (none for
+    /// the embedding) and, for the head, the loss. Adds final tensors' squared gradient norms
+    /// to `sq`.
+    fn unit_backward(&self, j: usize, input: &Tensor, dy: Option<&Tensor>, loss: &dyn Fn(&Tensor) -> Tensor, sq: &mut f64) -> Result<(Option<Tensor>, Option<f64>)> {
+        let l = self.spec.cfg.n_layer;
+        let u = l + 1 - j;
+        let pa = self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Param), Mode::Read)?;
+        let ga = self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Grad), Mode::Write)?;
+        let (dx, loss_value) = {
+            let leaves = self.unit_tensors[u]
+                .iter()
+                .map(|&t| Ok(view_on(&pa, self.tids[t], Role::Param, &self.spec.params[t].shape_i64(), self.ordinal)?.tracked()))
+                .collect::<Result<Vec<Tensor>>>()?;
+            let x = if u == 0 { input.shallow_clone() } else { input.detach().set_requires_grad(true) };
+            let out = self.unit_fn(u, &leaves, &x);
+            let (objective, loss_value) = match dy {
+                None => {
+                    let lt = loss(&out);
+                    let v = lt.f_double_value(&[])?;
+                    let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale as f64);
+                    (if scale != 1.0 { lt * scale } else { lt }, Some(v))
+                }
+                Some(dy) => ((&out * dy).sum(Kind::Float), None),
+            };
+            let mut inputs: Vec<&Tensor> = leaves.iter().collect();
+            if u != 0 {
+                inputs.push(&x);
+            }
+            let grads = Tensor::f_run_backward(&[&objective], &inputs, false, false)?;
+            for (k, &t) in self.unit_tensors[u].iter().enumerate() {
+                let gv = view_mut(&ga, self.tids[t], Role::Grad, &self.spec.params[t].shape_i64(), self.ordinal)?;
+                let mut dst = gv.shallow_clone();
+                tch::no_grad(|| if self.first_write[t] == j { dst.f_copy_(&grads[k]) } else { dst.f_add_(&grads[k]).map(|_| ()) })?;
+                if self.final_at[t] == j {
+                    *sq += sq_norm(&gv);
+                }
+            }
+            ((u != 0).then(|| grads[grads.len() - 1].shallow_clone()), loss_value)
+        };
+        self.sync();
+        pa.release_after_backward();
+        drop(ga);
+        Ok((dx, loss_value))
+    }
+
+    /// Forward and backward; chunks whose gradients are final go to `ready` as they become so.
+    fn forward_backward(&self, ids: &Tensor, loss: &dyn Fn(&Tensor) -> Tensor, ready: Option<&crossbeam_channel::Sender<usize>>) -> Result<(f64, f64)> {
+        let l = self.spec.cfg.n_layer;
+        let mut inputs: Vec<Tensor> = Vec::with_capacity(l + 2);
+        inputs.push(ids.shallow_clone());
+        for u in 0..=l {
+            let y = self.unit_forward(u, &inputs[u])?;
+            inputs.push(y);
+        }
+        let mut sq = 0.0;
+        let mut dy: Option<Tensor> = None;
+        let mut loss_value = f64::NAN;
+        for j in 0..l + 2 {
+            let u = l + 1 - j;
+            let (dx, lv) = self.unit_backward(j, &inputs[u], dy.as_ref(), loss, &mut sq)?;
+            inputs.truncate(u);
+            if let Some(v) = lv {
+                loss_value = v;
+            }
+            dy = dx;
+            if let Some(tx) = ready {
+                for &c in &self.chunks_final[j] {
+                    // A closed channel means the updater failed; its error is reported on join.
+                    let _ = tx.send(c);
+                }
+            }
+        }
+        Ok((loss_value, sq))
+    }
+
+    /// Updates chunk `c` (every role of it at once on the device).
+    fn update_chunk(&self, c: usize, step: u64, mult: f32) -> Result<()> {
+        let refs: Vec<ChunkRef> = self.roles.iter().map(|&(role, _)| ChunkRef { group: self.group, index: c, role }).collect();
+        let mut a = self.mgr.access(&refs, Mode::Write)?;
+        let dtype = self.opts.dtype;
+        if a.cpu_addressable() {
+            let mut bufs = a.chunks_bytes_mut()?.into_iter();
+            let mut next = || bufs.next().ok_or_else(|| HarnessError::Config("optimizer chunk set is incomplete".into()));
+            let (p, g) = (next()?, next()?);
+            if dtype == DType::F32 {
+                let (m, v) = (next()?, next()?);
+                self.adam.update(step, mult, f32s(p)?, f32s(m)?, f32s(v)?, Grads::F32(f32s(g)?), ParamsOut::None)?;
+            } else {
+                let (master, m, v) = (next()?, next()?, next()?);
+                let (g, out) = if dtype == DType::BF16 {
+                    (Grads::BF16(u16s(g)?), ParamsOut::BF16(u16s(p)?))
+                } else {
+                    (Grads::F16(u16s(g)?), ParamsOut::F16(u16s(p)?))
+                };
+                self.adam.update(step, mult, f32s(master)?, f32s(m)?, f32s(v)?, g, out)?;
+            }
+        } else {
+            let s = StepScalars::new(&self.opts.adam, step, mult);
+            let views: Vec<Tensor> = self.roles.iter().enumerate().map(|(k, &(_, d))| chunk_view(&a, k, d, self.ordinal).shallow_clone()).collect();
+            let (mut p, g) = (views[0].shallow_clone(), views[1].shallow_clone());
+            if dtype == DType::F32 {
+                let (mut m, mut v) = (views[2].shallow_clone(), views[3].shallow_clone());
+                adamw_(&mut p, &mut m, &mut v, &g, None, &s);
+            } else {
+                let (mut master, mut m, mut v) = (views[2].shallow_clone(), views[3].shallow_clone(), views[4].shallow_clone());
+                adamw_(&mut master, &mut m, &mut v, &g, Some(&mut p), &s);
+            }
+            drop(views);
+            self.sync();
+        }
+        Ok(())
+    }
+
+    /// Copies tensors of `role` out to the CPU as fp32.
+    fn read_role(&self, role: Role, name: impl Fn(&str) -> String) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(self.tids.len());
+        for c in 0..self.n_chunks() {
+            let a = self.mgr.access(&self.refs(&[c], role), Mode::Read)?;
+            for (t, _) in self.mgr.layout(self.group).tensors_in(c) {
+                let s = &self.spec.params[t];
+                let v = view_on(&a, self.tids[t], role, &s.shape_i64(), self.ordinal)?;
+                out.push((name(&s.name), v.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.copy()));
+            }
+            self.sync();
+        }
+        Ok(out)
+    }
+}
+
+impl Engine for Chunked {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn forward(&mut self, ids: &Tensor) -> Result<Tensor> {
+        let mut x = ids.shallow_clone();
+        for u in 0..self.spec.cfg.n_layer + 2 {
+            x = self.unit_forward(u, &x)?;
+        }
+        Ok(x)
+    }
+
+    fn step(&mut self, ids: &Tensor, loss: &dyn Fn(&Tensor) -> Tensor) -> Result<StepStats> {
+        let step = self.step + 1;
+        let this = &*self;
+        let (loss_value, sq) = if this.pipelined {
+            std::thread::scope(|s| -> Result<(f64, f64)> {
+                let (tx, rx) = crossbeam_channel::unbounded::<usize>();
+                let worker = s.spawn(move || -> Result<()> {
+                    for c in rx {
+                        this.update_chunk(c, step, 1.0)?;
+                    }
+                    Ok(())
+                });
+                let r = this.forward_backward(ids, loss, Some(&tx));
+                drop(tx);
+                let w = worker.join().unwrap_or_else(|_| Err(HarnessError::Config("the update thread panicked".into())));
+                let r = r?;
+                w?;
+                Ok(r)
+            })?
+        } else {
+            this.forward_backward(ids, loss, None)?
+        };
+        if self.pipelined {
+            self.step = step;
+            self.mgr.end_iteration();
+            return Ok(StepStats {
+                loss: loss_value,
+                grad_norm: sq.sqrt(),
+                skipped: false,
+            });
+        }
+        let (mult, grad_norm) = plan(sq, self.scaler.as_mut(), self.opts.max_norm);
+        let skipped = mult.is_none();
+        if let Some(mult) = mult {
+            self.step = step;
+            for c in self.update_order() {
+                self.update_chunk(c, step, mult)?;
+            }
+        }
+        self.mgr.end_iteration();
+        Ok(StepStats {
+            loss: loss_value,
+            grad_norm,
+            skipped,
+        })
+    }
+
+    fn export(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let role = if self.has_master() { Role::Master } else { Role::Param };
+        self.read_role(role, |n| n.to_string())
+    }
+
+    fn import(&mut self, named: &BTreeMap<String, Tensor>) -> Result<()> {
+        for c in 0..self.n_chunks() {
+            let mut values = Vec::new();
+            for (t, _) in self.mgr.layout(self.group).tensors_in(c) {
+                let s = &self.spec.params[t];
+                if let Some(v) = named.get(&s.name) {
+                    check_shape(&s.name, &s.shape_i64(), v)?;
+                    values.push((t, v.shallow_clone()));
+                }
+            }
+            if !values.is_empty() {
+                self.write_params(c, &values)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn export_optimizer(&mut self) -> Result<(u64, Vec<(String, Tensor)>)> {
+        let mut out = self.read_role(Role::Moment1, |n| format!("{n}.exp_avg"))?;
+        out.extend(self.read_role(Role::Moment2, |n| format!("{n}.exp_avg_sq"))?);
+        Ok((self.step, out))
+    }
+
+    fn import_optimizer(&mut self, step: u64, named: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (role, suffix) in [(Role::Moment1, "exp_avg"), (Role::Moment2, "exp_avg_sq")] {
+            for c in 0..self.n_chunks() {
+                let a = self.mgr.access(&self.refs(&[c], role), Mode::Write)?;
+                for (t, _) in self.mgr.layout(self.group).tensors_in(c) {
+                    let s = &self.spec.params[t];
+                    let name = format!("{}.{suffix}", s.name);
+                    let v = named.get(&name).ok_or_else(|| HarnessError::Config(format!("optimizer state lacks {name}")))?;
+                    check_shape(&name, &s.shape_i64(), v)?;
+                    let dst = view_mut(&a, self.tids[t], role, &s.shape_i64(), self.ordinal)?;
+                    dst.shallow_clone().f_copy_(v)?;
+                }
+                self.sync();
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let st = self.mgr.stats();
+        MemoryReport {
+            device_peak_bytes: st.tiers.get("device").map_or(0, |t| t.peak),
+            bytes_moved: st.links.iter().map(|(k, v)| (k.clone(), v.bytes)).collect(),
+            tiers: st
+                .tiers
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::json!({"used": v.used, "peak": v.peak, "capacity": v.capacity})))
+                .collect(),
+        }
+    }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut n = self.notes.clone();
+        n.push(format!(
+            "chunked: {} chunks per role, model state {} ({}); policy {}; update {}",
+            self.n_chunks(),
+            human(self.footprint.total),
+            self.footprint.per_role.iter().map(|(k, v)| format!("{k} {}", human(*v))).collect::<Vec<_>>().join(", "),
+            self.copts.policy.name(),
+            if self.pipelined { "overlapped with backward" } else { "after backward (needs the global norm)" }
+        ));
+        n
+    }
+}

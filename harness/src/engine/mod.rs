@@ -1,0 +1,148 @@
+//! Training strategies behind one interface: `naive` (everything on the compute device, plain
+//! autograd, AdamW as libtorch ops: what a PyTorch user writes) and `chunked` (parameters and
+//! optimizer state in Stowage chunks, blocks executed one at a time with recompute).
+
+pub mod chunked;
+pub mod naive;
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use stowage_memory::optim::{AdamConfig, LossScaler, ScalerConfig};
+use stowage_memory::DType;
+use tch::{Device, Tensor};
+
+use crate::error::Result;
+use crate::model::{param_specs, units, GptConfig, HeadKind, ParamSpec, Units};
+
+/// A model's shape, head and parameter list.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub cfg: GptConfig,
+    pub head: HeadKind,
+    pub params: Vec<ParamSpec>,
+    pub units: Units,
+}
+
+impl ModelSpec {
+    pub fn new(cfg: GptConfig, head: HeadKind) -> Self {
+        let params = param_specs(&cfg, head);
+        let units = units(&params, cfg.n_layer);
+        ModelSpec { cfg, head, params, units }
+    }
+
+    pub fn numel(&self) -> u64 {
+        self.params.iter().map(|p| p.numel() as u64).sum()
+    }
+}
+
+/// Optimisation settings shared by both strategies.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainOpts {
+    /// Compute precision of the parameters.
+    pub dtype: DType,
+    pub adam: AdamConfig,
+    /// Global gradient-norm clipping.
+    pub max_norm: Option<f32>,
+}
+
+impl Default for TrainOpts {
+    fn default() -> Self {
+        TrainOpts {
+            dtype: DType::F32,
+            adam: AdamConfig::default(),
+            max_norm: Some(1.0),
+        }
+    }
+}
+
+impl TrainOpts {
+    /// fp16 needs dynamic loss scaling; fp32 and bf16 do not.
+    pub fn scaler(&self) -> Option<LossScaler> {
+        (self.dtype == DType::F16).then(|| LossScaler::new(ScalerConfig::default()))
+    }
+}
+
+/// What one optimisation step did.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepStats {
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// The step was skipped (fp16 overflow).
+    pub skipped: bool,
+}
+
+/// Memory figures of an engine.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MemoryReport {
+    /// Peak bytes on the compute device (chunks plus, on CUDA, libtorch's allocations).
+    pub device_peak_bytes: u64,
+    /// Bytes moved per link (`host->device`, ...).
+    pub bytes_moved: BTreeMap<String, u64>,
+    /// Per tier: used / peak / capacity.
+    pub tiers: BTreeMap<String, serde_json::Value>,
+}
+
+/// A trainable model under one strategy. Loss functions receive the head's output: logits
+/// `[B, T, V]` (fp32) for the LM head, one value per token `[B, T]` otherwise.
+pub trait Engine {
+    fn spec(&self) -> &ModelSpec;
+    /// Where inputs must live.
+    fn device(&self) -> Device;
+    /// The head's output for `ids` `[B, T]`, without gradients, as fp32.
+    fn forward(&mut self, ids: &Tensor) -> Result<Tensor>;
+    /// One optimisation step on `loss(head output)`.
+    fn step(&mut self, ids: &Tensor, loss: &dyn Fn(&Tensor) -> Tensor) -> Result<StepStats>;
+    /// Every parameter as a CPU fp32 tensor, by HF name, in spec order.
+    fn export(&mut self) -> Result<Vec<(String, Tensor)>>;
+    /// Sets parameters from CPU tensors (missing names keep their values; the caller checks
+    /// completeness).
+    fn import(&mut self, named: &BTreeMap<String, Tensor>) -> Result<()>;
+    /// Optimizer moments as `NAME.exp_avg` / `NAME.exp_avg_sq` fp32 CPU tensors, plus the step.
+    fn export_optimizer(&mut self) -> Result<(u64, Vec<(String, Tensor)>)>;
+    fn import_optimizer(&mut self, step: u64, named: &BTreeMap<String, Tensor>) -> Result<()>;
+    fn memory(&self) -> MemoryReport;
+    /// Steps taken so far.
+    fn steps(&self) -> u64;
+    /// A notice for the user (fallbacks taken), if any.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// The step's gradient multiplier, or None to skip (non-finite gradients). `sq` is the summed
+/// squared norm of the (scaled) gradients.
+pub(crate) fn plan(sq: f64, scaler: Option<&mut LossScaler>, max_norm: Option<f32>) -> (Option<f32>, f64) {
+    let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    let overflow = !sq.is_finite();
+    let apply = match scaler {
+        Some(s) => s.update(overflow),
+        None => !overflow,
+    };
+    let norm = sq.sqrt() / scale as f64;
+    if !apply {
+        return (None, norm);
+    }
+    (Some(stowage_memory::optim::grad_multiplier(sq, scale, max_norm)), norm)
+}
+
+/// Picks the libtorch device for a strategy: CUDA when libtorch sees one, else CPU (with a
+/// notice).
+pub fn torch_device() -> (Device, Option<String>) {
+    if tch::Cuda::is_available() {
+        (Device::Cuda(0), None)
+    } else {
+        (Device::Cpu, Some("no CUDA device visible to libtorch: computing on the CPU".into()))
+    }
+}
+
+pub use chunked::{Chunked, ChunkedOpts};
+pub use naive::Naive;
+
+/// Builds the model's parameter list for `head` from `cfg`.
+pub fn spec(cfg: &GptConfig, head: HeadKind) -> ModelSpec {
+    ModelSpec::new(cfg.clone(), head)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+//! The plain-PyTorch baseline: every parameter, gradient and moment on the compute device as
+//! ordinary libtorch tensors, one autograd graph over the whole model, AdamW as libtorch ops.
+//! Parameters are fp32 (masters); bf16/fp16 compute runs under libtorch's autocast on CUDA, as
+//! `torch.autocast` users do. On the CPU it computes in fp32.
+
+use std::collections::BTreeMap;
+
+use stowage_memory::optim::{LossScaler, StepScalars};
+use stowage_memory::DType;
+use tch::{Device, Kind, Tensor};
+
+use super::{plan, Engine, MemoryReport, ModelSpec, StepStats, TrainOpts};
+use crate::error::{HarnessError, Result};
+use crate::model::{forward_all, init_tensor};
+use crate::optim::{adamw_, sq_norm};
+
+pub struct Naive {
+    spec: ModelSpec,
+    device: Device,
+    opts: TrainOpts,
+    params: Vec<Tensor>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    step: u64,
+    scaler: Option<LossScaler>,
+    autocast: bool,
+    notes: Vec<String>,
+}
+
+impl Naive {
+    /// Initialises the parameters from `seed`.
+    pub fn new(spec: ModelSpec, device: Device, opts: TrainOpts, seed: u64) -> Result<Self> {
+        let mut params = Vec::with_capacity(spec.params.len());
+        let mut m = Vec::new();
+        let mut v = Vec::new();
+        for (i, p) in spec.params.iter().enumerate() {
+            let t = init_tensor(p, seed, i).f_to_device(device)?.set_requires_grad(true);
+            m.push(t.f_zeros_like()?);
+            v.push(t.f_zeros_like()?);
+            params.push(t);
+        }
+        let autocast = opts.dtype != DType::F32 && device.is_cuda();
+        let mut notes = Vec::new();
+        if opts.dtype != DType::F32 && !autocast {
+            notes.push(format!("naive: {:?} autocast needs CUDA; computing in fp32", opts.dtype));
+        }
+        Ok(Naive {
+            spec,
+            device,
+            scaler: if autocast { opts.scaler() } else { None },
+            opts,
+            params,
+            m,
+            v,
+            step: 0,
+            autocast,
+            notes,
+        })
+    }
+
+    fn run(&self, ids: &Tensor) -> Tensor {
+        let f = || forward_all(&self.spec.cfg, self.spec.head, &self.spec.units, &self.params, ids).to_kind(Kind::Float);
+        if self.autocast {
+            tch::autocast(true, f)
+        } else {
+            f()
+        }
+    }
+}
+
+impl Engine for Naive {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn forward(&mut self, ids: &Tensor) -> Result<Tensor> {
+        Ok(tch::no_grad(|| self.run(ids)))
+    }
+
+    fn step(&mut self, ids: &Tensor, loss: &dyn Fn(&Tensor) -> Tensor) -> Result<StepStats> {
+        let l = loss(&self.run(ids));
+        let value = l.f_double_value(&[])?;
+        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale as f64);
+        let scaled = if scale != 1.0 { &l * scale } else { l };
+        let grads = Tensor::f_run_backward(&[&scaled], &self.params, false, false)?;
+        let sq: f64 = grads.iter().map(sq_norm).sum();
+        let (mult, grad_norm) = plan(sq, self.scaler.as_mut(), self.opts.max_norm);
+        let Some(mult) = mult else {
+            return Ok(StepStats {
+                loss: value,
+                grad_norm,
+                skipped: true,
+            });
+        };
+        self.step += 1;
+        let s = StepScalars::new(&self.opts.adam, self.step, mult);
+        for (((p, m), v), g) in self.params.iter_mut().zip(&mut self.m).zip(&mut self.v).zip(&grads) {
+            adamw_(p, m, v, g, None, &s);
+        }
+        Ok(StepStats {
+            loss: value,
+            grad_norm,
+            skipped: false,
+        })
+    }
+
+    fn export(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (s, p) in self.spec.params.iter().zip(&self.params) {
+            out.push((s.name.clone(), p.detach().f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.copy()));
+        }
+        Ok(out)
+    }
+
+    fn import(&mut self, named: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (s, p) in self.spec.params.iter().zip(&mut self.params) {
+            if let Some(t) = named.get(&s.name) {
+                check_shape(&s.name, &s.shape_i64(), t)?;
+                tch::no_grad(|| p.f_copy_(t)).map_err(HarnessError::from)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn export_optimizer(&mut self) -> Result<(u64, Vec<(String, Tensor)>)> {
+        let mut out = Vec::new();
+        for ((s, m), v) in self.spec.params.iter().zip(&self.m).zip(&self.v) {
+            out.push((format!("{}.exp_avg", s.name), m.to_device(Device::Cpu).copy()));
+            out.push((format!("{}.exp_avg_sq", s.name), v.to_device(Device::Cpu).copy()));
+        }
+        Ok((self.step, out))
+    }
+
+    fn import_optimizer(&mut self, step: u64, named: &BTreeMap<String, Tensor>) -> Result<()> {
+        for ((s, m), v) in self.spec.params.iter().zip(&mut self.m).zip(&mut self.v) {
+            for (suffix, dst) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                let name = format!("{}.{suffix}", s.name);
+                let t = named.get(&name).ok_or_else(|| HarnessError::Config(format!("optimizer state lacks {name}")))?;
+                check_shape(&name, &s.shape_i64(), t)?;
+                dst.f_copy_(t)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    fn memory(&self) -> MemoryReport {
+        MemoryReport::default()
+    }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.notes.clone()
+    }
+}
+
+/// A loaded tensor must have the parameter's shape.
+pub(crate) fn check_shape(name: &str, want: &[i64], t: &Tensor) -> Result<()> {
+    if t.size() != want {
+        return Err(HarnessError::Config(format!("{name}: the checkpoint has shape {:?}, the model needs {want:?}", t.size())));
+    }
+    Ok(())
+}

@@ -4,7 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use stowage_harness::info;
+use stowage_harness::ckpt::{load_tensors, CkptPaths};
+use stowage_harness::engine::{torch_device, Engine, ModelSpec, Naive, TrainOpts};
+use stowage_harness::generate::{generate, Sampler};
+use stowage_harness::tokenizer::Tokenizer;
+use stowage_harness::train::{run_rm, run_sft, RmLoss, TrainArgs};
+use stowage_harness::{info, HarnessError};
 use stowage_memory::EngineKind;
 
 #[derive(Parser)]
@@ -22,42 +27,112 @@ enum Command {
         #[arg(long)]
         nvme_dir: Option<PathBuf>,
         /// NVMe I/O engine to try.
-        #[arg(long, value_enum, default_value_t = Engine::Uring)]
-        engine: Engine,
+        #[arg(long, value_enum, default_value_t = Engine_::Uring)]
+        engine: Engine_,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// Supervised fine-tuning: loss on completion tokens, held-out exact match.
+    Sft {
+        #[command(flatten)]
+        args: TrainArgs,
+    },
+    /// Reward model on preference pairs: pairwise loss, held-out accuracy.
+    Rm {
+        #[command(flatten)]
+        args: TrainArgs,
+        #[arg(long, value_enum, default_value_t = RmLoss::LogSig)]
+        loss: RmLoss,
+    },
+    /// Continue prompts with a trained checkpoint.
+    Generate {
+        /// A checkpoint directory (e.g. OUT/checkpoint of `stowage sft`).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Prompts (one or more).
+        #[arg(long, required = true)]
+        prompt: Vec<String>,
+        #[arg(long, default_value_t = 32)]
+        max_new: usize,
+        /// 0: greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: i64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum Engine {
+enum Engine_ {
     Uring,
     Psync,
     Mmap,
 }
 
-impl From<Engine> for EngineKind {
-    fn from(e: Engine) -> Self {
+impl From<Engine_> for EngineKind {
+    fn from(e: Engine_) -> Self {
         match e {
-            Engine::Uring => EngineKind::Uring,
-            Engine::Psync => EngineKind::Psync,
-            Engine::Mmap => EngineKind::Mmap,
+            Engine_::Uring => EngineKind::Uring,
+            Engine_::Psync => EngineKind::Psync,
+            Engine_::Mmap => EngineKind::Mmap,
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_generate(checkpoint: PathBuf, prompts: Vec<String>, max_new: usize, temperature: f64, top_k: i64, top_p: f64, seed: u64) -> Result<(), HarnessError> {
+    let p = CkptPaths::new(&checkpoint);
+    let c = p.read_config()?;
+    let tok = Tokenizer::new(c.tokenizer)?;
+    let (device, note) = torch_device();
+    if let Some(n) = note {
+        eprintln!("note: {n}");
+    }
+    let mut e = Naive::new(ModelSpec::new(c.model, c.head), device, TrainOpts::default(), 0)?;
+    e.import(&load_tensors(&p.model())?)?;
+    tch::manual_seed(seed as i64);
+    let ids: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|x| {
+            let mut v = vec![tok.bos()];
+            v.extend(tok.encode(x));
+            v
+        })
+        .collect();
+    let s = if temperature > 0.0 { Sampler::Sample { temperature, top_k, top_p } } else { Sampler::Greedy };
+    for (prompt, g) in prompts.iter().zip(generate(&mut e, &ids, max_new, tok.eos(), tok.pad(), s)?) {
+        println!("{}", serde_json::json!({"prompt": prompt, "response": tok.decode(&g.tokens), "ended_with_eos": g.ended}));
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Info { nvme_dir, engine, json } => match info::run(nvme_dir.as_deref(), engine.into(), json) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+    let r: Result<(), HarnessError> = match cli.command {
+        Command::Info { nvme_dir, engine, json } => info::run(nvme_dir.as_deref(), engine.into(), json).map_err(HarnessError::from),
+        Command::Sft { args } => run_sft(&args).map(|s| println!("{}", serde_json::json!({"sft": s}))),
+        Command::Rm { args, loss } => run_rm(&args, loss).map(|s| println!("{}", serde_json::json!({"rm": s}))),
+        Command::Generate {
+            checkpoint,
+            prompt,
+            max_new,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        } => run_generate(checkpoint, prompt, max_new, temperature, top_k, top_p, seed),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
-

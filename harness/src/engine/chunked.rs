@@ -647,6 +647,11 @@ impl Engine for Chunked {
         self.step
     }
 
+    fn set_lr(&mut self, lr: f32) {
+        self.opts.adam.lr = lr;
+        self.adam.cfg.lr = lr;
+    }
+
     fn notes(&self) -> Vec<String> {
         let mut n = self.notes.clone();
         n.push(format!(

@@ -104,6 +104,8 @@ pub trait Engine {
     fn memory(&self) -> MemoryReport;
     /// Steps taken so far.
     fn steps(&self) -> u64;
+    /// Sets the learning rate of the next steps (schedules).
+    fn set_lr(&mut self, lr: f32);
     /// A notice for the user (fallbacks taken), if any.
     fn notes(&self) -> Vec<String> {
         Vec::new()

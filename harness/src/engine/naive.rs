@@ -156,6 +156,10 @@ impl Engine for Naive {
         self.step
     }
 
+    fn set_lr(&mut self, lr: f32) {
+        self.opts.adam.lr = lr;
+    }
+
     fn notes(&self) -> Vec<String> {
         self.notes.clone()
     }

@@ -1,0 +1,732 @@
+//! Supervised fine-tuning and reward-model training: options, the engine they run on, data,
+//! the loops with progress bar, JSONL metrics, held-out evaluation, checkpoints and report.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+use stowage_memory::optim::AdamConfig;
+use stowage_memory::{DType, DeviceChoice, NvmeConfig, PolicyKind, TiersConfig};
+use tch::{Kind, Tensor};
+
+use crate::ckpt::{load_tensors, save_tensors, CkptConfig, CkptPaths};
+use crate::data::{load_jsonl, PrefExample, SftExample};
+use crate::engine::{torch_device, Chunked, ChunkedOpts, Engine, ModelSpec, Naive, TrainOpts};
+use crate::error::{HarnessError, Result};
+use crate::generate::{generate, Sampler};
+use crate::model::{GptConfig, HeadKind};
+use crate::tasks::Task;
+use crate::tokenizer::{Tokenizer, TokenizerKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    Naive,
+    Chunked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Placement {
+    /// Half the parameter bytes and none of the optimizer state pinned on the device.
+    Static,
+    Auto,
+    Optimal,
+    Lru,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA when usable, else the simulated device.
+    Auto,
+    Cuda,
+    Sim,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RmLoss {
+    /// -log sigmoid(r_chosen - r_rejected)
+    LogSig,
+    /// log(1 + exp(r_rejected - r_chosen))
+    LogExp,
+}
+
+/// Parses `512M`, `4G`, `1.5GiB`, `65536` (bytes).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size: use bytes or a K, M, G or T suffix (e.g. 512M)"))?;
+    if !(v >= 0.0 && v.is_finite()) {
+        return Err(format!("`{s}` is not a size"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+/// Options shared by the training commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// A built-in task (sort, reverse, add, sentiment); or give --data.
+    #[arg(long, value_enum)]
+    pub task: Option<Task>,
+    /// Training data, JSON Lines.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out data, JSON Lines (default with --data: the last 10% of --data).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// tiny, s, m, l, xl, 2.7b, 6.7b, 13b, 30b, 66b, 175b, or LAYERSxWIDTHxHEADS.
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    #[arg(long, value_enum, default_value_t = TokenizerKind::Byte)]
+    pub tokenizer: TokenizerKind,
+    /// Context length.
+    #[arg(long, default_value_t = 64)]
+    pub ctx: usize,
+    #[arg(long, value_enum, default_value_t = Strategy::Chunked)]
+    pub strategy: Strategy,
+    /// Chunk placement policy (chunked strategy).
+    #[arg(long, value_enum, default_value_t = Placement::Auto)]
+    pub placement: Placement,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Device budget for chunks (default: the whole model state).
+    #[arg(long, value_parser = parse_size)]
+    pub device_budget: Option<u64>,
+    /// Host (pinned DRAM) budget for chunks (default: the whole model state).
+    #[arg(long, value_parser = parse_size)]
+    pub host_budget: Option<u64>,
+    /// Directory for NVMe swap files: chunks spill there past the host budget.
+    #[arg(long)]
+    pub nvme_dir: Option<PathBuf>,
+    /// Elements per chunk (default: searched for least waste).
+    #[arg(long)]
+    pub chunk_elems: Option<usize>,
+    #[arg(long, default_value_t = 1000)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate (linear warm-up, cosine decay to 10%).
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Global gradient-norm clipping (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f32,
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub dtype: Precision,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory: metrics.jsonl, report.json, checkpoint/.
+    #[arg(long, default_value = "runs/latest")]
+    pub out: PathBuf,
+    /// Examples generated for built-in tasks (training side).
+    #[arg(long, default_value_t = 4000)]
+    pub train_size: usize,
+    /// Held-out examples evaluated.
+    #[arg(long, default_value_t = 200)]
+    pub eval_size: usize,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long, default_value_t = 250)]
+    pub eval_every: u64,
+    /// Fraction of SFT demonstrations corrupted (built-in tasks).
+    #[arg(long, default_value_t = 0.0)]
+    pub corrupt: f64,
+    /// Probability a preference pair's labels are swapped (built-in tasks).
+    #[arg(long, default_value_t = 0.0)]
+    pub label_noise: f64,
+    /// Resume from OUT/checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start from this checkpoint directory's weights (a new head is initialised if its kind
+    /// differs, e.g. a reward model from an SFT model).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Save a checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: u64,
+    /// No progress bar (logs stay).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    fn dtype(&self) -> DType {
+        match self.dtype {
+            Precision::Fp32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::Fp16 => DType::F16,
+        }
+    }
+}
+
+/// Builds the engine for `head` as the options ask.
+pub fn build_engine(a: &TrainArgs, cfg: GptConfig, head: HeadKind, notes: &mut Vec<String>) -> Result<Box<dyn Engine>> {
+    let spec = ModelSpec::new(cfg, head);
+    let opts = TrainOpts {
+        dtype: a.dtype(),
+        adam: AdamConfig {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..AdamConfig::default()
+        },
+        max_norm: (a.clip > 0.0).then_some(a.clip),
+    };
+    let e: Box<dyn Engine> = match a.strategy {
+        Strategy::Naive => {
+            let (device, note) = match a.device {
+                DeviceArg::Sim => (tch::Device::Cpu, None),
+                DeviceArg::Cuda if !tch::Cuda::is_available() => {
+                    return Err(HarnessError::Config("--device cuda: libtorch sees no CUDA device (check the driver and scripts/setup.sh)".into()))
+                }
+                _ => torch_device(),
+            };
+            notes.extend(note);
+            Box::new(Naive::new(spec, device, opts, a.seed)?)
+        }
+        Strategy::Chunked => {
+            // 16 bytes per parameter in fp32 (param, grad, two moments) and in bf16/fp16 (2 + 2
+            // + 4-byte master + moments); packing wastes a little: allow a quarter more.
+            let state = spec.numel() * 16 * 5 / 4 + (64 << 20);
+            let choice = match a.device {
+                DeviceArg::Auto => DeviceChoice::Auto,
+                DeviceArg::Cuda => DeviceChoice::Cuda,
+                DeviceArg::Sim => DeviceChoice::Simulated,
+            };
+            let mut tiers = TiersConfig::default()
+                .with_device(choice, a.device_budget.unwrap_or(state))
+                .with_host_budget(a.host_budget.unwrap_or(state));
+            if let Some(d) = &a.nvme_dir {
+                tiers = tiers.with_nvme(NvmeConfig::new(d));
+            }
+            let policy = match a.placement {
+                Placement::Static => PolicyKind::Static { param_frac: 0.5, optim_frac: 0.0 },
+                Placement::Auto => PolicyKind::Auto,
+                Placement::Optimal => PolicyKind::Optimal,
+                Placement::Lru => PolicyKind::Lru,
+            };
+            let copts = ChunkedOpts {
+                tiers,
+                policy,
+                chunk_elems: a.chunk_elems,
+                ..ChunkedOpts::default()
+            };
+            Box::new(Chunked::new(spec, opts, copts, a.seed)?)
+        }
+    };
+    notes.extend(e.notes());
+    Ok(e)
+}
+
+/// Peak resident memory of this process (VmHWM), bytes.
+pub fn peak_rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<u64>().ok())
+        .map_or(0, |k| k * 1024)
+}
+
+/// Merges `section` into `DIR/report.json` (other stages' sections stay).
+pub fn update_report(dir: &Path, key: &str, section: Value, memory: Value) -> Result<()> {
+    let p = dir.join("report.json");
+    let mut r: serde_json::Map<String, Value> = std::fs::read_to_string(&p).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    r.insert(key.into(), section);
+    // Peaks only grow across the stages of one run.
+    let mut mem = memory;
+    if let (Some(old), Some(new)) = (r.get("memory").cloned(), mem.as_object_mut()) {
+        for k in ["peak_rss_bytes", "device_peak_bytes"] {
+            let o = old.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let n = new.get(k).and_then(Value::as_u64).unwrap_or(0);
+            new.insert(k.into(), json!(o.max(n)));
+        }
+    }
+    r.insert("memory".into(), mem);
+    let s = serde_json::to_vec_pretty(&Value::Object(r)).map_err(|e| HarnessError::Config(e.to_string()))?;
+    crate::ckpt::write_atomic(&p, &s)
+}
+
+/// The memory section of a report.
+pub fn memory_json(e: &dyn Engine) -> Value {
+    let m = e.memory();
+    json!({
+        "peak_rss_bytes": peak_rss_bytes(),
+        "device_peak_bytes": m.device_peak_bytes,
+        "bytes_moved": m.bytes_moved,
+        "tiers": m.tiers,
+    })
+}
+
+/// A run's output directory, metrics file and progress bar.
+pub struct Run {
+    pub dir: PathBuf,
+    metrics: std::fs::File,
+    pub bar: indicatif::ProgressBar,
+    pub started: Instant,
+}
+
+impl Run {
+    pub fn open(dir: &Path, steps: u64, quiet: bool, stage: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| HarnessError::io("creating output directory", dir, e))?;
+        let p = dir.join("metrics.jsonl");
+        let metrics = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| HarnessError::io("opening", &p, e))?;
+        let bar = if quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let b = indicatif::ProgressBar::new(steps);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_prefix(stage.to_string());
+            b
+        };
+        Ok(Run {
+            dir: dir.into(),
+            metrics,
+            bar,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn log(&mut self, v: Value) -> Result<()> {
+        writeln!(self.metrics, "{v}").map_err(|e| HarnessError::io("writing", self.dir.join("metrics.jsonl"), e))
+    }
+}
+
+/// Learning rate at `step` (from 0): linear warm-up over 5% of the steps, cosine to 10%.
+pub fn lr_at(peak: f32, step: u64, total: u64) -> f32 {
+    let warm = (total / 20).max(1);
+    if step < warm {
+        return peak * (step + 1) as f32 / warm as f32;
+    }
+    let p = (step - warm) as f32 / (total.saturating_sub(warm)).max(1) as f32;
+    peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * p.min(1.0)).cos()))
+}
+
+/// A one-line summary of tier usage for the progress bar.
+fn tiers_line(e: &dyn Engine) -> String {
+    let m = e.memory();
+    m.tiers
+        .iter()
+        .map(|(k, v)| format!("{k} {:.0}M", v.get("used").and_then(Value::as_u64).unwrap_or(0) as f64 / 1048576.0))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The batch at `step`: indices drawn from a stream keyed by seed and step, so resuming at a
+/// step sees exactly the batches an uninterrupted run would.
+pub fn batch_indices(seed: u64, step: u64, n: usize, b: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_ba7c);
+    rng.set_stream(step);
+    (0..b).map(|_| rng.gen_range(0..n)).collect()
+}
+
+/// `[BOS] prompt completion [EOS]`, and the length of `[BOS] prompt`. Prompts too long for the
+/// context lose their oldest tokens; completions are cut to fit.
+pub fn encode_pair(tok: &Tokenizer, prompt: &str, completion: &str, ctx: usize) -> (Vec<i64>, usize) {
+    let mut p = vec![tok.bos()];
+    p.extend(tok.encode(prompt));
+    let mut c = tok.encode(completion);
+    c.push(tok.eos());
+    let max = ctx + 1; // inputs are the sequence without its last token
+    if p.len() + c.len() > max {
+        let keep_c = c.len().min(max / 2).max(max.saturating_sub(p.len()));
+        c.truncate(keep_c.min(max - 1));
+        let room = max - c.len();
+        if p.len() > room {
+            let cut = p.len() - room;
+            p.drain(1..1 + cut);
+        }
+    }
+    let plen = p.len();
+    p.extend(c);
+    (p, plen)
+}
+
+/// Inputs `[B, T]` and next-token targets `[B, T]` (-100 on prompt and padding).
+pub fn lm_batch(seqs: &[(Vec<i64>, usize)], pad: i64) -> (Tensor, Tensor) {
+    let t = seqs.iter().map(|s| s.0.len() - 1).max().unwrap_or(1);
+    let mut ids = vec![pad; seqs.len() * t];
+    let mut tg = vec![-100i64; seqs.len() * t];
+    for (r, (s, plen)) in seqs.iter().enumerate() {
+        for i in 0..s.len() - 1 {
+            ids[r * t + i] = s[i];
+            if i + 1 >= *plen {
+                tg[r * t + i] = s[i + 1];
+            }
+        }
+    }
+    let shape = [seqs.len() as i64, t as i64];
+    (Tensor::from_slice(&ids).reshape(shape), Tensor::from_slice(&tg).reshape(shape))
+}
+
+/// Mean cross-entropy over the non-masked targets.
+pub fn lm_loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let v = logits.size()[2];
+    logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Mean, -100, 0.0)
+}
+
+/// Full sequences `[BOS] prompt response [EOS]` padded into `[N, T]`, and each one's last
+/// token index (where the reward model's score is read).
+pub fn score_batch(seqs: &[Vec<i64>], pad: i64) -> (Tensor, Tensor) {
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(1);
+    let mut ids = vec![pad; seqs.len() * t];
+    for (r, s) in seqs.iter().enumerate() {
+        ids[r * t..r * t + s.len()].copy_from_slice(s);
+    }
+    let last: Vec<i64> = seqs.iter().map(|s| s.len() as i64 - 1).collect();
+    (Tensor::from_slice(&ids).reshape([seqs.len() as i64, t as i64]), Tensor::from_slice(&last))
+}
+
+/// Scores `[N, T]` read at `last` `[N]`.
+pub fn gather_last(scores: &Tensor, last: &Tensor) -> Tensor {
+    scores.gather(1, &last.to_device(scores.device()).unsqueeze(1), false).squeeze_dim(1)
+}
+
+/// The pairwise ranking loss over chosen (first half) and rejected (second half) rewards.
+pub fn rm_loss(r: &Tensor, kind: RmLoss) -> Tensor {
+    let b = r.size()[0] / 2;
+    let (c, j) = (r.narrow(0, 0, b), r.narrow(0, b, b));
+    match kind {
+        RmLoss::LogSig => -(c - j).log_sigmoid().mean(Kind::Float),
+        RmLoss::LogExp => ((j - c).exp() + 1.0).log().mean(Kind::Float),
+    }
+}
+
+fn model_config(a: &TrainArgs, tok: &Tokenizer) -> Result<GptConfig> {
+    if let Some(init) = &a.init {
+        let c = CkptPaths::new(init).read_config()?;
+        if c.tokenizer != tok.kind() {
+            return Err(HarnessError::Config(format!("--init {}: trained with the {:?} tokenizer, this run uses {:?}", init.display(), c.tokenizer, tok.kind())));
+        }
+        return Ok(c.model);
+    }
+    GptConfig::parse(&a.model, tok.vocab(), a.ctx)
+}
+
+/// Loads `--init` weights (body; the head too when its kind matches), or resumes.
+fn load_start(a: &TrainArgs, e: &mut dyn Engine, head: HeadKind, run: &Path) -> Result<u64> {
+    if a.resume {
+        let p = CkptPaths::new(run.join("checkpoint"));
+        let c = p.read_config()?;
+        if c.head != head || &c.model != &e.spec().cfg {
+            return Err(HarnessError::Config(format!("--resume: {} holds a different model ({} {:?})", p.dir.display(), c.model.name, c.head)));
+        }
+        let w = load_tensors(&p.model())?;
+        check_complete(e, &w, &p.model())?;
+        e.import(&w)?;
+        let o = load_tensors(&p.optimizer())?;
+        e.import_optimizer(c.step, &o)?;
+        return Ok(c.step);
+    }
+    if let Some(init) = &a.init {
+        let p = CkptPaths::new(init);
+        let c = p.read_config()?;
+        let mut w = load_tensors(&p.model())?;
+        if c.head != head {
+            w.retain(|k, _| !k.starts_with("v_head.") && !k.starts_with("score."));
+        }
+        let body: Vec<&str> = e.spec().params.iter().filter(|s| s.unit != crate::model::Unit::Head || s.name.starts_with("ln_f")).map(|s| s.name.as_str()).collect();
+        if let Some(missing) = body.iter().find(|n| !w.contains_key(**n)) {
+            return Err(HarnessError::Checkpoint {
+                path: p.model(),
+                msg: format!("lacks {missing}"),
+            });
+        }
+        e.import(&w)?;
+    }
+    Ok(0)
+}
+
+fn check_complete(e: &dyn Engine, w: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    match e.spec().params.iter().find(|s| !w.contains_key(&s.name)) {
+        Some(s) => Err(HarnessError::Checkpoint {
+            path: path.into(),
+            msg: format!("lacks {}", s.name),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Saves weights, moments and config under `dir`.
+pub fn save_checkpoint(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|er| HarnessError::io("creating checkpoint directory", dir, er))?;
+    let p = CkptPaths::new(dir);
+    save_tensors(&p.model(), &e.export()?)?;
+    let (step, opt) = e.export_optimizer()?;
+    save_tensors(&p.optimizer(), &opt)?;
+    p.write_config(&CkptConfig {
+        model: e.spec().cfg.clone(),
+        head: e.spec().head,
+        tokenizer: tok,
+        step,
+        seed,
+        loss_scale: None,
+    })
+}
+
+fn sft_data(a: &TrainArgs) -> Result<(Vec<SftExample>, Vec<SftExample>, Option<Task>)> {
+    match (&a.task, &a.data) {
+        (Some(t), None) => Ok((t.sft(a.train_size, a.seed, false, a.corrupt), t.sft(a.eval_size, a.seed, true, 0.0), Some(*t))),
+        (None, Some(d)) => {
+            let mut train: Vec<SftExample> = load_jsonl(d)?;
+            let eval = match &a.eval_data {
+                Some(e) => load_jsonl(e)?,
+                None => split_tail(&mut train, d)?,
+            };
+            Ok((train, eval, None))
+        }
+        _ => Err(HarnessError::Config("give exactly one of --task NAME and --data FILE".into())),
+    }
+}
+
+fn split_tail<T>(train: &mut Vec<T>, d: &Path) -> Result<Vec<T>> {
+    let n = train.len() / 10;
+    if n == 0 {
+        return Err(HarnessError::Config(format!("{}: too few records to hold out 10%; give --eval-data", d.display())));
+    }
+    Ok(train.split_off(train.len() - n))
+}
+
+/// Exact-match rate of greedy completions, and the samples.
+pub fn eval_exact_match(e: &mut dyn Engine, tok: &Tokenizer, eval: &[SftExample], task: Option<Task>) -> Result<(f64, Vec<Value>)> {
+    let ctx = e.spec().cfg.n_ctx;
+    let prompts: Vec<Vec<i64>> = eval.iter().map(|x| encode_pair(tok, &x.prompt, "", ctx).0[..].split_last().map(|(_, p)| p.to_vec()).unwrap_or_default()).collect();
+    let max_new = eval.iter().map(|x| tok.encode(&x.completion).len() + 1).max().unwrap_or(1) + 2;
+    let gen = generate(e, &prompts, max_new, tok.eos(), tok.pad(), Sampler::Greedy)?;
+    let mut hits = 0usize;
+    let mut samples = Vec::new();
+    for (x, g) in eval.iter().zip(&gen) {
+        let text = tok.decode(&g.tokens);
+        if g.ended && text == x.completion {
+            hits += 1;
+        }
+        let mut s = json!({"prompt": x.prompt, "response": text, "expected": x.completion});
+        if let Some(t) = task {
+            s["gold_reward"] = json!(t.reward(&x.prompt, &text, g.ended));
+        }
+        samples.push(s);
+    }
+    Ok((hits as f64 / eval.len().max(1) as f64, samples))
+}
+
+/// `stowage sft`: returns the report section.
+pub fn run_sft(a: &TrainArgs) -> Result<Value> {
+    let tok = Tokenizer::new(a.tokenizer)?;
+    let (train, eval, task) = sft_data(a)?;
+    let cfg = model_config(a, &tok)?;
+    let mut notes = Vec::new();
+    let mut e = build_engine(a, cfg, HeadKind::Lm, &mut notes)?;
+    let start = load_start(a, e.as_mut(), HeadKind::Lm, &a.out)?;
+    let mut run = Run::open(&a.out, a.steps, a.quiet, "sft")?;
+    for n in &notes {
+        run.bar.println(format!("note: {n}"));
+    }
+    let ctx = e.spec().cfg.n_ctx;
+    let encoded: Vec<(Vec<i64>, usize)> = train.iter().map(|x| encode_pair(&tok, &x.prompt, &x.completion, ctx)).collect();
+    let mut last_loss = f64::NAN;
+    let mut em = None;
+    run.bar.set_position(start);
+    let mut tokens = 0u64;
+    let t0 = Instant::now();
+    for step in start..a.steps {
+        let idx = batch_indices(a.seed, step, encoded.len(), a.batch_size);
+        let seqs: Vec<(Vec<i64>, usize)> = idx.iter().map(|&i| encoded[i].clone()).collect();
+        let (ids, tg) = lm_batch(&seqs, tok.pad());
+        tokens += ids.numel() as u64;
+        let lr = lr_at(a.lr, step, a.steps);
+        e.set_lr(lr);
+        let dev = e.device();
+        let ids = ids.to_device(dev);
+        let tg = tg.to_device(dev);
+        let st = e.step(&ids, &|out: &Tensor| lm_loss(out, &tg))?;
+        last_loss = st.loss;
+        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        run.log(json!({"stage": "sft", "step": step + 1, "loss": st.loss, "grad_norm": st.grad_norm, "skipped": st.skipped, "lr": lr, "tokens_per_s": tps, "elapsed_s": run.started.elapsed().as_secs_f64()}))?;
+        run.bar.set_message(format!("loss {:.4} | {:.0} tok/s | {}", st.loss, tps, tiers_line(e.as_ref())));
+        run.bar.inc(1);
+        let done = step + 1 == a.steps;
+        if (a.eval_every > 0 && (step + 1) % a.eval_every == 0) || done {
+            let (rate, samples) = eval_exact_match(e.as_mut(), &tok, &eval, task)?;
+            run.log(json!({"stage": "sft", "step": step + 1, "heldout_exact_match": rate}))?;
+            run.bar.println(format!("step {}: held-out exact match {:.3}", step + 1, rate));
+            em = Some(rate);
+            if done {
+                crate::data::save_jsonl(&a.out.join("sft_samples.jsonl"), &samples)?;
+            }
+        }
+        if (a.save_every > 0 && (step + 1) % a.save_every == 0) || done {
+            save_checkpoint(e.as_mut(), &a.out.join("checkpoint"), tok.kind(), a.seed)?;
+        }
+    }
+    if start >= a.steps {
+        let (rate, _) = eval_exact_match(e.as_mut(), &tok, &eval, task)?;
+        em = Some(rate);
+    }
+    run.bar.finish_and_clear();
+    let section = json!({"final_loss": last_loss, "heldout_exact_match": em.unwrap_or(0.0), "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(), "strategy": format!("{:?}", a.strategy).to_lowercase(), "model": e.spec().cfg.name, "params": e.spec().numel()});
+    update_report(&a.out, "sft", section.clone(), memory_json(e.as_ref()))?;
+    Ok(section)
+}
+
+fn pref_data(a: &TrainArgs) -> Result<(Vec<PrefExample>, Vec<PrefExample>)> {
+    match (&a.task, &a.data) {
+        (Some(t), None) => Ok((t.preferences(a.train_size, a.seed, false, a.label_noise), t.preferences(a.eval_size, a.seed, true, 0.0))),
+        (None, Some(d)) => {
+            let mut train: Vec<PrefExample> = load_jsonl(d)?;
+            let eval = match &a.eval_data {
+                Some(e) => load_jsonl(e)?,
+                None => split_tail(&mut train, d)?,
+            };
+            Ok((train, eval))
+        }
+        _ => Err(HarnessError::Config("give exactly one of --task NAME and --data FILE".into())),
+    }
+}
+
+fn pair_seqs(tok: &Tokenizer, pairs: &[&PrefExample], ctx: usize) -> Vec<Vec<i64>> {
+    let mut v: Vec<Vec<i64>> = pairs.iter().map(|p| encode_pair(tok, &p.prompt, &p.chosen, ctx - 1).0).collect();
+    v.extend(pairs.iter().map(|p| encode_pair(tok, &p.prompt, &p.rejected, ctx - 1).0));
+    v
+}
+
+/// Held-out pairwise accuracy: the share of pairs scored chosen above rejected.
+pub fn eval_pairwise(e: &mut dyn Engine, tok: &Tokenizer, eval: &[PrefExample], batch: usize) -> Result<f64> {
+    let ctx = e.spec().cfg.n_ctx;
+    let mut right = 0usize;
+    for part in eval.chunks(batch.max(1)) {
+        let refs: Vec<&PrefExample> = part.iter().collect();
+        let (ids, last) = score_batch(&pair_seqs(tok, &refs, ctx), tok.pad());
+        let out = e.forward(&ids.to_device(e.device()))?;
+        let r = gather_last(&out, &last);
+        let b = part.len() as i64;
+        let better = r.narrow(0, 0, b).gt_tensor(&r.narrow(0, b, b));
+        right += better.sum(Kind::Int64).int64_value(&[]) as usize;
+    }
+    Ok(right as f64 / eval.len().max(1) as f64)
+}
+
+/// `stowage rm`: returns the report section.
+pub fn run_rm(a: &TrainArgs, loss_kind: RmLoss) -> Result<Value> {
+    let tok = Tokenizer::new(a.tokenizer)?;
+    let (train, eval) = pref_data(a)?;
+    let cfg = model_config(a, &tok)?;
+    let mut notes = Vec::new();
+    let mut e = build_engine(a, cfg, HeadKind::Score, &mut notes)?;
+    let start = load_start(a, e.as_mut(), HeadKind::Score, &a.out)?;
+    let mut run = Run::open(&a.out, a.steps, a.quiet, "rm")?;
+    for n in &notes {
+        run.bar.println(format!("note: {n}"));
+    }
+    let ctx = e.spec().cfg.n_ctx;
+    let mut last_loss = f64::NAN;
+    let mut acc = None;
+    run.bar.set_position(start);
+    let t0 = Instant::now();
+    let mut tokens = 0u64;
+    for step in start..a.steps {
+        let idx = batch_indices(a.seed, step, train.len(), a.batch_size);
+        let pairs: Vec<&PrefExample> = idx.iter().map(|&i| &train[i]).collect();
+        let (ids, last) = score_batch(&pair_seqs(&tok, &pairs, ctx), tok.pad());
+        tokens += ids.numel() as u64;
+        let lr = lr_at(a.lr, step, a.steps);
+        e.set_lr(lr);
+        let ids = ids.to_device(e.device());
+        let st = e.step(&ids, &|out: &Tensor| rm_loss(&gather_last(out, &last), loss_kind))?;
+        last_loss = st.loss;
+        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        run.log(json!({"stage": "rm", "step": step + 1, "loss": st.loss, "grad_norm": st.grad_norm, "skipped": st.skipped, "lr": lr, "tokens_per_s": tps, "elapsed_s": run.started.elapsed().as_secs_f64()}))?;
+        run.bar.set_message(format!("loss {:.4} | {:.0} tok/s | {}", st.loss, tps, tiers_line(e.as_ref())));
+        run.bar.inc(1);
+        let done = step + 1 == a.steps;
+        if (a.eval_every > 0 && (step + 1) % a.eval_every == 0) || done {
+            let r = eval_pairwise(e.as_mut(), &tok, &eval, a.batch_size)?;
+            run.log(json!({"stage": "rm", "step": step + 1, "heldout_accuracy": r}))?;
+            run.bar.println(format!("step {}: held-out pairwise accuracy {:.3}", step + 1, r));
+            acc = Some(r);
+        }
+        if (a.save_every > 0 && (step + 1) % a.save_every == 0) || done {
+            save_checkpoint(e.as_mut(), &a.out.join("checkpoint"), tok.kind(), a.seed)?;
+        }
+    }
+    if start >= a.steps {
+        acc = Some(eval_pairwise(e.as_mut(), &tok, &eval, a.batch_size)?);
+    }
+    run.bar.finish_and_clear();
+    let section = json!({"final_loss": last_loss, "heldout_accuracy": acc.unwrap_or(0.0), "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(), "strategy": format!("{:?}", a.strategy).to_lowercase(), "model": e.spec().cfg.name, "params": e.spec().numel()});
+    update_report(&a.out, "rm", section.clone(), memory_json(e.as_ref()))?;
+    Ok(section)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+    }
+
+    #[test]
+    fn lm_batches_mask_prompts_and_padding() {
+        let tok = Tokenizer::new(TokenizerKind::Byte).unwrap();
+        let a = encode_pair(&tok, "ab", "c", 64);
+        assert_eq!(a, (vec![257, 97, 98, 99, 258], 3));
+        let b = encode_pair(&tok, "a", "cd", 64);
+        let (ids, tg) = lm_batch(&[a, b], tok.pad());
+        assert_eq!(Vec::<i64>::try_from(&ids.reshape([-1])).unwrap(), vec![257, 97, 98, 99, 257, 97, 99, 100]);
+        assert_eq!(Vec::<i64>::try_from(&tg.reshape([-1])).unwrap(), vec![-100, -100, 99, 258, -100, 99, 100, 258]);
+    }
+
+    #[test]
+    fn long_examples_fit_the_context() {
+        let tok = Tokenizer::new(TokenizerKind::Byte).unwrap();
+        let (s, plen) = encode_pair(&tok, &"p".repeat(100), &"c".repeat(10), 32);
+        assert_eq!(s.len(), 33);
+        assert_eq!(s[0], tok.bos());
+        assert_eq!(*s.last().unwrap(), tok.eos());
+        assert_eq!(s.len() - plen, 11, "the completion and EOS survive");
+        let (s, _) = encode_pair(&tok, "p", &"c".repeat(100), 32);
+        assert_eq!(s.len(), 33);
+    }
+
+    #[test]
+    fn scores_are_read_at_the_last_real_token() {
+        let s = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).reshape([2, 3]);
+        let (_, last) = score_batch(&[vec![1, 2], vec![1, 2, 3]], 0);
+        assert_eq!(Vec::<f32>::try_from(&gather_last(&s, &last)).unwrap(), vec![2.0, 6.0]);
+        let r = Tensor::from_slice(&[2.0f32, 0.0]);
+        let a = rm_loss(&r, RmLoss::LogSig).double_value(&[]);
+        let b = rm_loss(&r, RmLoss::LogExp).double_value(&[]);
+        assert!((a - (1.0 + (-2.0f64).exp()).ln()).abs() < 1e-6 && (a - b).abs() < 1e-6);
+    }
+
+    #[test]
+    fn batches_depend_on_seed_and_step_only() {
+        assert_eq!(batch_indices(1, 5, 100, 8), batch_indices(1, 5, 100, 8));
+        assert_ne!(batch_indices(1, 5, 100, 8), batch_indices(1, 6, 100, 8));
+        assert_ne!(batch_indices(1, 5, 100, 8), batch_indices(2, 5, 100, 8));
+    }
+}

@@ -220,26 +220,33 @@ impl Task {
     }
 
     /// Preference pairs ranked by gold reward; `noise`: probability a pair's labels are swapped.
+    /// Tasks with an answer mostly pair it with a corruption of it (the distinction an RL policy
+    /// near its SFT start needs), and one pair in ten ranks two corruptions by partial credit;
+    /// sentiment pairs two free reviews.
     pub fn preferences(self, n: usize, seed: u64, heldout: bool, noise: f64) -> Vec<PrefExample> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(2));
         self.prompts(n, seed, heldout)
             .into_iter()
             .map(|prompt| {
+                let graded = self.answer(&prompt).is_none() || rng.gen_bool(0.1);
                 let candidate = |rng: &mut ChaCha8Rng| {
                     let d = self.demo(&prompt, rng);
-                    if rng.gen_bool(0.5) {
-                        d
-                    } else {
+                    if graded && self != Task::Sentiment {
                         self.corrupt(&d, rng)
+                    } else {
+                        d
                     }
                 };
                 let mut a = candidate(&mut rng);
-                let mut b = candidate(&mut rng);
+                let mut b = if graded { candidate(&mut rng) } else { self.corrupt(&a, &mut rng) };
                 for _ in 0..20 {
                     if self.reward(&prompt, &a, true) != self.reward(&prompt, &b, true) {
                         break;
                     }
                     b = candidate(&mut rng);
+                    if !graded {
+                        b = self.corrupt(&a, &mut rng);
+                    }
                 }
                 if self.reward(&prompt, &a, true) < self.reward(&prompt, &b, true) {
                     std::mem::swap(&mut a, &mut b);

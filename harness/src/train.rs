@@ -137,7 +137,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "runs/latest")]
     pub out: PathBuf,
     /// Examples generated for built-in tasks (training side).
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 20000)]
     pub train_size: usize,
     /// Held-out examples evaluated.
     #[arg(long, default_value_t = 200)]
@@ -158,6 +158,9 @@ pub struct TrainArgs {
     /// differs, e.g. a reward model from an SFT model).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Stop after this step, saving a checkpoint (continue later with --resume).
+    #[arg(long)]
+    pub stop_at: Option<u64>,
     /// Save a checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 0)]
     pub save_every: u64,
@@ -547,7 +550,8 @@ pub fn run_sft(a: &TrainArgs) -> Result<Value> {
     run.bar.set_position(start);
     let mut tokens = 0u64;
     let t0 = Instant::now();
-    for step in start..a.steps {
+    let end = a.stop_at.map_or(a.steps, |s| s.min(a.steps));
+    for step in start..end {
         let idx = batch_indices(a.seed, step, encoded.len(), a.batch_size);
         let seqs: Vec<(Vec<i64>, usize)> = idx.iter().map(|&i| encoded[i].clone()).collect();
         let (ids, tg) = lm_batch(&seqs, tok.pad());
@@ -564,6 +568,7 @@ pub fn run_sft(a: &TrainArgs) -> Result<Value> {
         run.bar.set_message(format!("loss {:.4} | {:.0} tok/s | {}", st.loss, tps, tiers_line(e.as_ref())));
         run.bar.inc(1);
         let done = step + 1 == a.steps;
+        let stopping = step + 1 == end;
         if (a.eval_every > 0 && (step + 1) % a.eval_every == 0) || done {
             let (rate, samples) = eval_exact_match(e.as_mut(), &tok, &eval, task)?;
             run.log(json!({"stage": "sft", "step": step + 1, "heldout_exact_match": rate}))?;
@@ -573,7 +578,7 @@ pub fn run_sft(a: &TrainArgs) -> Result<Value> {
                 crate::data::save_jsonl(&a.out.join("sft_samples.jsonl"), &samples)?;
             }
         }
-        if (a.save_every > 0 && (step + 1) % a.save_every == 0) || done {
+        if (a.save_every > 0 && (step + 1) % a.save_every == 0) || stopping {
             save_checkpoint(e.as_mut(), &a.out.join("checkpoint"), tok.kind(), a.seed)?;
         }
     }
@@ -642,7 +647,8 @@ pub fn run_rm(a: &TrainArgs, loss_kind: RmLoss) -> Result<Value> {
     run.bar.set_position(start);
     let t0 = Instant::now();
     let mut tokens = 0u64;
-    for step in start..a.steps {
+    let end = a.stop_at.map_or(a.steps, |s| s.min(a.steps));
+    for step in start..end {
         let idx = batch_indices(a.seed, step, train.len(), a.batch_size);
         let pairs: Vec<&PrefExample> = idx.iter().map(|&i| &train[i]).collect();
         let (ids, last) = score_batch(&pair_seqs(&tok, &pairs, ctx), tok.pad());
@@ -657,13 +663,14 @@ pub fn run_rm(a: &TrainArgs, loss_kind: RmLoss) -> Result<Value> {
         run.bar.set_message(format!("loss {:.4} | {:.0} tok/s | {}", st.loss, tps, tiers_line(e.as_ref())));
         run.bar.inc(1);
         let done = step + 1 == a.steps;
+        let stopping = step + 1 == end;
         if (a.eval_every > 0 && (step + 1) % a.eval_every == 0) || done {
             let r = eval_pairwise(e.as_mut(), &tok, &eval, a.batch_size)?;
             run.log(json!({"stage": "rm", "step": step + 1, "heldout_accuracy": r}))?;
             run.bar.println(format!("step {}: held-out pairwise accuracy {:.3}", step + 1, r));
             acc = Some(r);
         }
-        if (a.save_every > 0 && (step + 1) % a.save_every == 0) || done {
+        if (a.save_every > 0 && (step + 1) % a.save_every == 0) || stopping {
             save_checkpoint(e.as_mut(), &a.out.join("checkpoint"), tok.kind(), a.seed)?;
         }
     }

@@ -118,12 +118,11 @@ fn a_model_that_cannot_fit_names_bytes_per_tier() {
     assert!(e.contains("the device needs at least") && e.contains("--device-budget"), "{e}");
 }
 
-#[test]
-fn bf16_chunked_training_learns() {
+fn low_precision_learns(dtype: DType) -> Vec<StepStats> {
     let cfg = GptConfig::parse("2x64x4", 61, 16).unwrap();
     let spec = ModelSpec::new(cfg, HeadKind::Lm);
     let opts = TrainOpts {
-        dtype: DType::BF16,
+        dtype,
         adam: stowage_memory::optim::AdamConfig { lr: 3e-3, ..Default::default() },
         max_norm: Some(1.0),
     };
@@ -135,11 +134,25 @@ fn bf16_chunked_training_learns() {
     };
     let mut m = Chunked::new(spec, opts, copts, 1).unwrap();
     let data = batches(61, 60);
-    let mut losses = Vec::new();
-    for (x, y) in &data {
-        losses.push(m.step(x, &|o: &Tensor| lm_loss(o, y)).unwrap().loss);
-    }
+    let stats: Vec<StepStats> = data.iter().map(|(x, y)| m.step(x, &|o: &Tensor| lm_loss(o, y)).unwrap()).collect();
+    let losses: Vec<f64> = stats.iter().map(|s| s.loss).collect();
     let head: f64 = losses[..5].iter().sum::<f64>() / 5.0;
     let tail: f64 = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
-    assert!(tail < head * 0.7, "bf16 training did not learn: {head} -> {tail}");
+    assert!(tail < head * 0.7, "{dtype:?} training did not learn: {head} -> {tail}");
+    stats
+}
+
+#[test]
+fn bf16_chunked_training_learns() {
+    let s = low_precision_learns(DType::BF16);
+    assert!(s.iter().all(|s| !s.skipped), "bf16 needs no loss scaling: nothing is skipped");
+}
+
+#[test]
+fn fp16_chunked_training_learns_with_loss_scaling() {
+    // The scaler starts at 2^16: the first steps overflow in fp16 and are skipped (state
+    // untouched) until the scale backs off, as in any dynamic-scaling trainer.
+    let s = low_precision_learns(DType::F16);
+    let skipped = s.iter().filter(|s| s.skipped).count();
+    assert!(skipped < 20, "{skipped} of {} steps skipped", s.len());
 }

@@ -1,0 +1,124 @@
+//! SFT and reward-model training through the `stowage` command line, as a user runs them.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use stowage_harness::data::save_jsonl;
+use stowage_harness::tasks::Task;
+
+fn stowage() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_stowage"))
+}
+
+fn scratch() -> tempfile::TempDir {
+    // A real disk: O_DIRECT is refused by tmpfs.
+    let base = std::env::var("STOWAGE_SCRATCH").unwrap_or_else(|_| "/var/tmp".into());
+    tempfile::Builder::new().prefix("stowage-train").tempdir_in(base).unwrap()
+}
+
+fn run(args: &[&str], out: &Path) -> Value {
+    let o = stowage().args(args).arg("--out").arg(out).arg("--quiet").output().unwrap();
+    assert!(o.status.success(), "stowage {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let report = std::fs::read_to_string(out.join("report.json")).unwrap();
+    serde_json::from_str(&report).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let d = tempfile::tempdir().unwrap();
+    let o = stowage().args(args).arg("--out").arg(d.path()).arg("--quiet").output().unwrap();
+    assert!(!o.status.success(), "stowage {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The acceptance run: sort on the tiny model, chunked, with the device budget below the
+/// model's state and the host budget below it too, so chunks spill to NVMe every step.
+#[test]
+fn sft_sort_learns_with_chunks_offloaded_to_nvme() {
+    let d = scratch();
+    let out = d.path().join("run");
+    let nvme = d.path().join("swap");
+    // The tiny model's state is about 13 MiB (16 bytes per parameter).
+    let r = run(
+        &["sft", "--task", "sort", "--model", "tiny", "--device-budget", "6M", "--host-budget", "6M", "--nvme-dir", nvme.to_str().unwrap(), "--eval-every", "0"],
+        &out,
+    );
+    let em = r["sft"]["heldout_exact_match"].as_f64().unwrap();
+    assert!(em >= 0.95, "held-out exact match {em}: {r}");
+    let moved = &r["memory"]["bytes_moved"];
+    for link in ["host->nvme", "nvme->device"] {
+        assert!(moved[link].as_u64().unwrap_or(0) > 0, "no bytes over {link}: {moved}");
+    }
+    assert!(r["memory"]["peak_rss_bytes"].as_u64().unwrap() > 0);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 1000);
+    for f in ["model.safetensors", "optimizer.safetensors", "config.json"] {
+        assert!(out.join("checkpoint").join(f).exists(), "{f}");
+    }
+    // The checkpoint generates with the command line.
+    let o = stowage()
+        .args(["generate", "--checkpoint"])
+        .arg(out.join("checkpoint"))
+        .args(["--prompt", "sort 5141:", "--prompt", "sort 90:"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(first["prompt"], "sort 5141:");
+}
+
+/// User JSONL files of another task (reverse), on the naive strategy.
+#[test]
+fn sft_learns_from_jsonl_files() {
+    let d = tempfile::tempdir().unwrap();
+    let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
+    save_jsonl(&train, &Task::Reverse.sft(4000, 11, false, 0.0)).unwrap();
+    save_jsonl(&eval, &Task::Reverse.sft(200, 11, true, 0.0)).unwrap();
+    let out = d.path().join("run");
+    let r = run(&["sft", "--data", train.to_str().unwrap(), "--eval-data", eval.to_str().unwrap(), "--strategy", "naive", "--eval-every", "0"], &out);
+    let em = r["sft"]["heldout_exact_match"].as_f64().unwrap();
+    assert!(em >= 0.95, "held-out exact match {em}: {r}");
+}
+
+#[test]
+fn rm_sort_ranks_held_out_pairs() {
+    let d = tempfile::tempdir().unwrap();
+    let r = run(&["rm", "--task", "sort", "--eval-every", "0"], d.path());
+    let acc = r["rm"]["heldout_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.90, "held-out pairwise accuracy {acc}: {r}");
+}
+
+#[test]
+fn resuming_gives_the_same_model_as_training_straight() {
+    let d = tempfile::tempdir().unwrap();
+    let straight = d.path().join("straight");
+    let split = d.path().join("split");
+    let common = ["sft", "--task", "add", "--model", "2x32x4", "--eval-every", "0", "--eval-size", "4", "--batch-size", "4", "--steps", "8"];
+    run(&common, &straight);
+    // Interrupted after step 4 (a checkpoint is saved there), then resumed to step 8.
+    run(&[&common[..], &["--stop-at", "4"]].concat(), &split);
+    let stopped = stowage_harness::ckpt::CkptPaths::new(split.join("checkpoint")).read_config().unwrap();
+    assert_eq!(stopped.step, 4);
+    run(&[&common[..], &["--resume"]].concat(), &split);
+    let a = stowage_harness::ckpt::load_tensors(&straight.join("checkpoint/model.safetensors")).unwrap();
+    let b = stowage_harness::ckpt::load_tensors(&split.join("checkpoint/model.safetensors")).unwrap();
+    for (k, v) in &a {
+        assert!(v.equal(&b[k]), "{k} differs");
+    }
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\":\"a\",\"completion\":\"b\"}\n{\"prompt\":\"a\"\n").unwrap();
+    let e = fails(&["sft", "--data", bad.to_str().unwrap(), "--eval-data", bad.to_str().unwrap()]);
+    assert!(e.contains("bad.jsonl:2"), "{e}");
+    let e = fails(&["sft", "--task", "sort", "--model", "huge"]);
+    assert!(e.contains("unknown model `huge`"), "{e}");
+    let e = fails(&["sft"]);
+    assert!(e.contains("--task") && e.contains("--data"), "{e}");
+    // A model whose state exceeds device + host with no NVMe tier.
+    let e = fails(&["sft", "--task", "sort", "--model", "s", "--device", "sim", "--device-budget", "1G", "--host-budget", "256M"]);
+    assert!(e.contains("budgets are device") && e.contains("NVMe"), "{e}");
+}

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use stowage_harness::ckpt::{load_tensors, CkptPaths};
+use stowage_harness::data::{save_jsonl, PromptExample};
 use stowage_harness::engine::{torch_device, Engine, ModelSpec, Naive, TrainOpts};
 use stowage_harness::generate::{generate, Sampler};
+use stowage_harness::ppo::{run_pipeline, run_ppo, PipelineArgs, PpoArgs};
 use stowage_harness::tokenizer::Tokenizer;
 use stowage_harness::train::{run_rm, run_sft, RmLoss, TrainArgs};
 use stowage_harness::{info, HarnessError};
@@ -45,6 +47,42 @@ enum Command {
         #[arg(long, value_enum, default_value_t = RmLoss::LogSig)]
         loss: RmLoss,
     },
+    /// PPO from an SFT checkpoint (actor, reference) and a reward-model checkpoint (reward,
+    /// critic); `--steps` counts PPO iterations of `--batch-size` prompts.
+    Ppo {
+        #[command(flatten)]
+        args: TrainArgs,
+        #[command(flatten)]
+        ppo: PpoArgs,
+    },
+    /// SFT -> reward model -> PPO on a built-in task (or user JSONL per stage).
+    Pipeline {
+        #[command(flatten)]
+        args: TrainArgs,
+        #[command(flatten)]
+        stages: PipelineArgs,
+        #[command(flatten)]
+        ppo: PpoArgs,
+    },
+    /// Write a built-in task's data as JSON Lines (the formats --data reads).
+    Data {
+        #[arg(long, value_enum)]
+        task: stowage_harness::tasks::Task,
+        #[arg(long, value_enum, default_value_t = DataKind::Sft)]
+        kind: DataKind,
+        #[arg(long, default_value_t = 1000)]
+        size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The held-out side of the split instead of the training side.
+        #[arg(long)]
+        heldout: bool,
+        /// Fraction of corrupted demonstrations (sft) or swapped labels (prefs).
+        #[arg(long, default_value_t = 0.0)]
+        noise: f64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Continue prompts with a trained checkpoint.
     Generate {
         /// A checkpoint directory (e.g. OUT/checkpoint of `stowage sft`).
@@ -65,6 +103,13 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DataKind {
+    Sft,
+    Prefs,
+    Prompts,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -118,6 +163,16 @@ fn main() -> ExitCode {
         Command::Info { nvme_dir, engine, json } => info::run(nvme_dir.as_deref(), engine.into(), json).map_err(HarnessError::from),
         Command::Sft { args } => run_sft(&args).map(|s| println!("{}", serde_json::json!({"sft": s}))),
         Command::Rm { args, loss } => run_rm(&args, loss).map(|s| println!("{}", serde_json::json!({"rm": s}))),
+        Command::Ppo { args, ppo } => run_ppo(&args, &ppo).map(|s| println!("{}", serde_json::json!({"ppo": s}))),
+        Command::Pipeline { args, stages, ppo } => run_pipeline(&args, &stages, &ppo).map(|s| println!("{s}")),
+        Command::Data { task, kind, size, seed, heldout, noise, out } => match kind {
+            DataKind::Sft => save_jsonl(&out, &task.sft(size, seed, heldout, noise)),
+            DataKind::Prefs => save_jsonl(&out, &task.preferences(size, seed, heldout, noise)),
+            DataKind::Prompts => save_jsonl(
+                &out,
+                &task.prompts(size, seed, heldout).into_iter().map(|prompt| PromptExample { prompt }).collect::<Vec<_>>(),
+            ),
+        },
         Command::Generate {
             checkpoint,
             prompt,

@@ -122,7 +122,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Peak learning rate (linear warm-up, cosine decay to 10%).
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f32,
@@ -170,6 +170,11 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The compute precision asked for.
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype()
+    }
+
     fn dtype(&self) -> DType {
         match self.dtype {
             Precision::Fp32 => DType::F32,
@@ -181,7 +186,6 @@ impl TrainArgs {
 
 /// Builds the engine for `head` as the options ask.
 pub fn build_engine(a: &TrainArgs, cfg: GptConfig, head: HeadKind, notes: &mut Vec<String>) -> Result<Box<dyn Engine>> {
-    let spec = ModelSpec::new(cfg, head);
     let opts = TrainOpts {
         dtype: a.dtype(),
         adam: AdamConfig {
@@ -190,7 +194,13 @@ pub fn build_engine(a: &TrainArgs, cfg: GptConfig, head: HeadKind, notes: &mut V
             ..AdamConfig::default()
         },
         max_norm: (a.clip > 0.0).then_some(a.clip),
+        trainable: true,
     };
+    build_engine_with(a, ModelSpec::new(cfg, head), opts, notes)
+}
+
+/// Builds an engine for `spec` with `opts` under the options' strategy, device and budgets.
+pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes: &mut Vec<String>) -> Result<Box<dyn Engine>> {
     let e: Box<dyn Engine> = match a.strategy {
         Strategy::Naive => {
             let (device, note) = match a.device {
@@ -204,9 +214,11 @@ pub fn build_engine(a: &TrainArgs, cfg: GptConfig, head: HeadKind, notes: &mut V
             Box::new(Naive::new(spec, device, opts, a.seed)?)
         }
         Strategy::Chunked => {
-            // 16 bytes per parameter in fp32 (param, grad, two moments) and in bf16/fp16 (2 + 2
-            // + 4-byte master + moments); packing wastes a little: allow a quarter more.
-            let state = spec.numel() * 16 * 5 / 4 + (64 << 20);
+            // 16 bytes per trainable parameter in fp32 (param, grad, two moments) and in
+            // bf16/fp16 (2 + 2 + 4-byte master + moments), the dtype's size for a frozen one;
+            // packing wastes a little: allow a quarter more.
+            let per_param = if opts.trainable { 16 } else { opts.dtype.size() as u64 };
+            let state = spec.numel() * per_param * 5 / 4 + (64 << 20);
             let choice = match a.device {
                 DeviceArg::Auto => DeviceChoice::Auto,
                 DeviceArg::Cuda => DeviceChoice::Cuda,

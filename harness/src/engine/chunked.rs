@@ -19,10 +19,10 @@ use stowage_memory::{ChunkRef, ChunkSize, DType, Manager, ManagerConfig, Mode, P
 use tch::{Device, Kind, Tensor};
 
 use super::naive::check_shape;
-use super::{plan, Engine, MemoryReport, ModelSpec, StepStats, TrainOpts};
+use super::{frozen_error, plan, Engine, MemoryReport, ModelSpec, StepStats, TrainOpts};
 use crate::bridge::{chunk_view, view_mut, view_on};
 use crate::error::{HarnessError, Result};
-use crate::model::{block, embed, head, init_tensor, HeadKind};
+use crate::model::{block, embed, head, init_tensor, HeadKind, KvCache};
 use crate::optim::{adamw_, sq_norm};
 
 /// Placement settings of the chunked strategy.
@@ -132,6 +132,7 @@ impl Chunked {
     /// the parameters from `seed` and declares the step's access schedule.
     pub fn new(spec: ModelSpec, opts: TrainOpts, copts: ChunkedOpts, seed: u64) -> Result<Self> {
         let roles: Vec<(Role, DType)> = match opts.dtype {
+            d if !opts.trainable => vec![(Role::Param, d)],
             DType::F32 => vec![(Role::Param, DType::F32), (Role::Grad, DType::F32), (Role::Moment1, DType::F32), (Role::Moment2, DType::F32)],
             d => vec![(Role::Param, d), (Role::Grad, d), (Role::Master, DType::F32), (Role::Moment1, DType::F32), (Role::Moment2, DType::F32)],
         };
@@ -314,6 +315,10 @@ impl Chunked {
         for u in 0..=l {
             s.extend(self.refs(&self.unit_chunks[u], Role::Param));
         }
+        if !self.opts.trainable {
+            s.extend(self.refs(&self.unit_chunks[l + 1], Role::Param));
+            return s;
+        }
         for j in 0..l + 2 {
             let u = l + 1 - j;
             s.extend(self.refs(&self.unit_chunks[u], Role::Param));
@@ -362,13 +367,18 @@ impl Chunked {
         Ok(())
     }
 
-    /// The unit's computation over its parameters `p` (in `unit_tensors` order).
+    /// The unit's computation over its parameters `p` (in `unit_tensors` order); `pos` and
+    /// `cache` for incremental decoding.
     fn unit_fn(&self, u: usize, p: &[Tensor], x: &Tensor) -> Tensor {
+        self.unit_fn_at(u, p, x, 0, None)
+    }
+
+    fn unit_fn_at(&self, u: usize, p: &[Tensor], x: &Tensor, pos: i64, cache: Option<&mut KvCache>) -> Tensor {
         let l = self.spec.cfg.n_layer;
         if u == 0 {
-            embed(&p[0], &p[1], x, 0)
+            embed(&p[0], &p[1], x, pos)
         } else if u <= l {
-            block(p, x, self.spec.cfg.n_head, None)
+            block(p, x, self.spec.cfg.n_head, cache)
         } else {
             let own = self.spec.units.head.len();
             head(self.spec.head, &p[..own], p.get(own), x).to_kind(Kind::Float)
@@ -377,13 +387,17 @@ impl Chunked {
 
     /// Runs unit `u` without gradients.
     fn unit_forward(&self, u: usize, x: &Tensor) -> Result<Tensor> {
+        self.unit_forward_at(u, x, 0, None)
+    }
+
+    fn unit_forward_at(&self, u: usize, x: &Tensor, pos: i64, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let a = self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Param), Mode::Read)?;
         let out = {
             let p = self.unit_tensors[u]
                 .iter()
                 .map(|&t| Ok(view_on(&a, self.tids[t], Role::Param, &self.spec.params[t].shape_i64(), self.ordinal)?.shallow_clone()))
                 .collect::<Result<Vec<Tensor>>>()?;
-            tch::no_grad(|| self.unit_fn(u, &p, x))
+            tch::no_grad(|| self.unit_fn_at(u, &p, x, pos, cache))
         };
         self.sync();
         drop(a);
@@ -536,7 +550,19 @@ impl Engine for Chunked {
         Ok(x)
     }
 
+    fn forward_cached(&mut self, ids: &Tensor, cache: &mut [KvCache], pos: i64) -> Result<Tensor> {
+        let l = self.spec.cfg.n_layer;
+        let mut x = self.unit_forward_at(0, ids, pos, None)?;
+        for (u, kv) in (1..=l).zip(cache.iter_mut()) {
+            x = self.unit_forward_at(u, &x, pos, Some(kv))?;
+        }
+        self.unit_forward_at(l + 1, &x, pos, None)
+    }
+
     fn step(&mut self, ids: &Tensor, loss: &dyn Fn(&Tensor) -> Tensor) -> Result<StepStats> {
+        if !self.opts.trainable {
+            return Err(frozen_error());
+        }
         let step = self.step + 1;
         let this = &*self;
         let (loss_value, sq) = if this.pipelined {
@@ -606,12 +632,18 @@ impl Engine for Chunked {
     }
 
     fn export_optimizer(&mut self) -> Result<(u64, Vec<(String, Tensor)>)> {
+        if !self.opts.trainable {
+            return Err(frozen_error());
+        }
         let mut out = self.read_role(Role::Moment1, |n| format!("{n}.exp_avg"))?;
         out.extend(self.read_role(Role::Moment2, |n| format!("{n}.exp_avg_sq"))?);
         Ok((self.step, out))
     }
 
     fn import_optimizer(&mut self, step: u64, named: &BTreeMap<String, Tensor>) -> Result<()> {
+        if !self.opts.trainable {
+            return Err(frozen_error());
+        }
         for (role, suffix) in [(Role::Moment1, "exp_avg"), (Role::Moment2, "exp_avg_sq")] {
             for c in 0..self.n_chunks() {
                 let a = self.mgr.access(&self.refs(&[c], role), Mode::Write)?;

@@ -13,7 +13,7 @@ use stowage_memory::DType;
 use tch::{Device, Tensor};
 
 use crate::error::Result;
-use crate::model::{param_specs, units, GptConfig, HeadKind, ParamSpec, Units};
+use crate::model::{param_specs, units, GptConfig, HeadKind, KvCache, ParamSpec, Units};
 
 /// A model's shape, head and parameter list.
 #[derive(Debug, Clone)]
@@ -44,6 +44,9 @@ pub struct TrainOpts {
     pub adam: AdamConfig,
     /// Global gradient-norm clipping.
     pub max_norm: Option<f32>,
+    /// False for inference-only models (a PPO reference or reward model): no gradients, no
+    /// optimizer state; their chunks are only ever read.
+    pub trainable: bool,
 }
 
 impl Default for TrainOpts {
@@ -52,6 +55,18 @@ impl Default for TrainOpts {
             dtype: DType::F32,
             adam: AdamConfig::default(),
             max_norm: Some(1.0),
+            trainable: true,
+        }
+    }
+}
+
+impl TrainOpts {
+    /// Settings of an inference-only model in `dtype`.
+    pub fn frozen(dtype: DType) -> Self {
+        TrainOpts {
+            dtype,
+            trainable: false,
+            ..TrainOpts::default()
         }
     }
 }
@@ -91,6 +106,9 @@ pub trait Engine {
     fn device(&self) -> Device;
     /// The head's output for `ids` `[B, T]`, without gradients, as fp32.
     fn forward(&mut self, ids: &Tensor) -> Result<Tensor>;
+    /// Incremental decoding: the head's output for the new positions `ids` `[B, t]` starting
+    /// at position `pos`, reading and extending one key/value cache per block.
+    fn forward_cached(&mut self, ids: &Tensor, cache: &mut [KvCache], pos: i64) -> Result<Tensor>;
     /// One optimisation step on `loss(head output)`.
     fn step(&mut self, ids: &Tensor, loss: &dyn Fn(&Tensor) -> Tensor) -> Result<StepStats>;
     /// Every parameter as a CPU fp32 tensor, by HF name, in spec order.
@@ -126,6 +144,11 @@ pub(crate) fn plan(sq: f64, scaler: Option<&mut LossScaler>, max_norm: Option<f3
         return (None, norm);
     }
     (Some(stowage_memory::optim::grad_multiplier(sq, scale, max_norm)), norm)
+}
+
+/// The error of a training call on an inference-only model.
+pub(crate) fn frozen_error() -> crate::error::HarnessError {
+    crate::error::HarnessError::Config("this model is inference-only (frozen): it has no gradients or optimizer state".into())
 }
 
 /// Picks the libtorch device for a strategy: CUDA when libtorch sees one, else CPU (with a

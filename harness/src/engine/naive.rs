@@ -9,9 +9,9 @@ use stowage_memory::optim::{LossScaler, StepScalars};
 use stowage_memory::DType;
 use tch::{Device, Kind, Tensor};
 
-use super::{plan, Engine, MemoryReport, ModelSpec, StepStats, TrainOpts};
+use super::{frozen_error, plan, Engine, MemoryReport, ModelSpec, StepStats, TrainOpts};
 use crate::error::{HarnessError, Result};
-use crate::model::{forward_all, init_tensor};
+use crate::model::{block, embed, forward_all, head, init_tensor, KvCache};
 use crate::optim::{adamw_, sq_norm};
 
 pub struct Naive {
@@ -34,14 +34,19 @@ impl Naive {
         let mut m = Vec::new();
         let mut v = Vec::new();
         for (i, p) in spec.params.iter().enumerate() {
-            let t = init_tensor(p, seed, i).f_to_device(device)?.set_requires_grad(true);
-            m.push(t.f_zeros_like()?);
-            v.push(t.f_zeros_like()?);
-            params.push(t);
+            let t = init_tensor(p, seed, i).f_to_device(device)?;
+            if opts.trainable {
+                m.push(t.f_zeros_like()?);
+                v.push(t.f_zeros_like()?);
+                params.push(t.set_requires_grad(true));
+            } else {
+                // Inference-only: stored in the compute dtype, like the chunked strategy.
+                params.push(t.f_to_kind(crate::bridge::kind_of(opts.dtype))?);
+            }
         }
-        let autocast = opts.dtype != DType::F32 && device.is_cuda();
+        let autocast = opts.trainable && opts.dtype != DType::F32 && device.is_cuda();
         let mut notes = Vec::new();
-        if opts.dtype != DType::F32 && !autocast {
+        if opts.trainable && opts.dtype != DType::F32 && !autocast {
             notes.push(format!("naive: {:?} autocast needs CUDA; computing in fp32", opts.dtype));
         }
         Ok(Naive {
@@ -81,7 +86,21 @@ impl Engine for Naive {
         Ok(tch::no_grad(|| self.run(ids)))
     }
 
+    fn forward_cached(&mut self, ids: &Tensor, cache: &mut [KvCache], pos: i64) -> Result<Tensor> {
+        let (p, u, c) = (&self.params, &self.spec.units, &self.spec.cfg);
+        Ok(tch::no_grad(|| {
+            let mut x = embed(&p[0], &p[1], ids, pos);
+            for (r, kv) in u.blocks.iter().zip(cache.iter_mut()) {
+                x = block(&p[r.clone()], &x, c.n_head, Some(kv));
+            }
+            head(self.spec.head, &p[u.head.clone()], Some(&p[0]), &x).to_kind(Kind::Float)
+        }))
+    }
+
     fn step(&mut self, ids: &Tensor, loss: &dyn Fn(&Tensor) -> Tensor) -> Result<StepStats> {
+        if !self.opts.trainable {
+            return Err(frozen_error());
+        }
         let l = loss(&self.run(ids));
         let value = l.f_double_value(&[])?;
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale as f64);
@@ -127,6 +146,9 @@ impl Engine for Naive {
     }
 
     fn export_optimizer(&mut self) -> Result<(u64, Vec<(String, Tensor)>)> {
+        if !self.opts.trainable {
+            return Err(frozen_error());
+        }
         let mut out = Vec::new();
         for ((s, m), v) in self.spec.params.iter().zip(&self.m).zip(&self.v) {
             out.push((format!("{}.exp_avg", s.name), m.to_device(Device::Cpu).copy()));
@@ -136,6 +158,9 @@ impl Engine for Naive {
     }
 
     fn import_optimizer(&mut self, step: u64, named: &BTreeMap<String, Tensor>) -> Result<()> {
+        if !self.opts.trainable {
+            return Err(frozen_error());
+        }
         for ((s, m), v) in self.spec.params.iter().zip(&mut self.m).zip(&mut self.v) {
             for (suffix, dst) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let name = format!("{}.{suffix}", s.name);

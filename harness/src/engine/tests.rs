@@ -34,6 +34,7 @@ fn parity(max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Pa
         dtype: DType::F32,
         adam: stowage_memory::optim::AdamConfig { lr: 3e-3, ..Default::default() },
         max_norm,
+        ..TrainOpts::default()
     };
     let mut naive = Naive::new(spec.clone(), tch::Device::Cpu, opts, 5).unwrap();
     // The device holds about half the model state: chunks stream in and out every step.
@@ -125,6 +126,7 @@ fn low_precision_learns(dtype: DType) -> Vec<StepStats> {
         dtype,
         adam: stowage_memory::optim::AdamConfig { lr: 3e-3, ..Default::default() },
         max_norm: Some(1.0),
+        ..TrainOpts::default()
     };
     let state = spec.numel() * 16;
     let copts = ChunkedOpts {

@@ -1,0 +1,583 @@
+//! PPO for RLHF: an actor and a critic trained against a frozen reference (the SFT model) and a
+//! frozen reward model, with the implementation details that make it work: sampling with a key/
+//! value cache, per-token KL penalty with the clipped score added at the last response token,
+//! GAE computed backwards, advantage whitening, the clipped surrogate and clipped value loss, and
+//! a fixed or adaptive KL coefficient.
+
+pub mod algo;
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use tch::{Kind, Tensor};
+
+use crate::ckpt::{load_tensors, CkptPaths};
+use crate::data::{load_jsonl, PromptExample};
+use crate::engine::{Engine, ModelSpec, TrainOpts};
+use crate::error::{HarnessError, Result};
+use crate::generate::{filter_logits, Sampler};
+use crate::model::{HeadKind, KvCache};
+use crate::tasks::Task;
+use crate::tokenizer::Tokenizer;
+use crate::train::{batch_indices, build_engine, gather_last, lr_at, memory_json, update_report, Run, TrainArgs};
+use algo::{gae, whiten, KlController};
+
+/// PPO options on top of the shared training options (`--steps` counts PPO iterations).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PpoArgs {
+    /// The SFT checkpoint directory: actor and reference (`stowage ppo` needs it).
+    #[arg(long)]
+    pub actor: Option<PathBuf>,
+    /// The reward-model checkpoint directory, also the critic's start unless --critic
+    /// (`stowage ppo` needs it).
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
+    #[arg(long)]
+    pub critic: Option<PathBuf>,
+    /// Longest response.
+    #[arg(long, default_value_t = 16)]
+    pub max_new: usize,
+    /// Sampling temperature (also applied when recomputing log-probabilities).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: i64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Optimisation epochs over each batch of experience.
+    #[arg(long, default_value_t = 2)]
+    pub ppo_epochs: usize,
+    /// Minibatches per epoch.
+    #[arg(long, default_value_t = 2)]
+    pub minibatches: usize,
+    /// Initial KL coefficient beta.
+    #[arg(long, default_value_t = 0.05)]
+    pub kl_coef: f64,
+    /// Adaptive KL: target per-sequence KL (0: fixed beta).
+    #[arg(long, default_value_t = 0.0)]
+    pub kl_target: f64,
+    #[arg(long, default_value_t = 10000.0)]
+    pub kl_horizon: f64,
+    #[arg(long, default_value_t = 0.2)]
+    pub clip_eps: f64,
+    #[arg(long, default_value_t = 0.2)]
+    pub value_clip: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub gamma: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub lam: f64,
+    /// Reward-model scores are clipped to +-this.
+    #[arg(long, default_value_t = 5.0)]
+    pub reward_clip: f64,
+    /// Critic learning rate (the actor uses --lr).
+    #[arg(long, default_value_t = 5e-4)]
+    pub critic_lr: f32,
+    /// Samples per held-out prompt when measuring the gold reward.
+    #[arg(long, default_value_t = 2)]
+    pub eval_samples: usize,
+}
+
+/// One batch of experience.
+pub struct Experience {
+    /// `[B, T]` sequences `[BOS] prompt response pad...`.
+    pub ids: Tensor,
+    /// `[B, T-1]`: 1 where position t predicts a response token.
+    pub mask: Tensor,
+    pub old_logp: Tensor,
+    pub old_values: Tensor,
+    pub advantages: Tensor,
+    pub returns: Tensor,
+    /// Per sequence: reward-model score, KL to the reference, response length, ended with EOS.
+    pub scores: Vec<f64>,
+    pub kl: Vec<f64>,
+    pub lens: Vec<usize>,
+    pub ended: Vec<bool>,
+    pub texts: Vec<(String, String)>,
+}
+
+/// Log-probabilities of the next tokens `[B, T-1]` under `logits` `[B, T, V]` at `temperature`.
+pub fn token_logp(logits: &Tensor, ids: &Tensor, temperature: f64) -> Tensor {
+    let t = logits.size()[1];
+    let lp = (logits.narrow(1, 0, t - 1) / temperature).log_softmax(-1, Kind::Float);
+    lp.gather(2, &ids.narrow(1, 1, t - 1).unsqueeze(-1), false).squeeze_dim(-1)
+}
+
+/// Samples continuations with a key/value cache, prompts of equal length batched together.
+pub fn sample_cached(e: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, eos: i64, pad: i64, s: Sampler) -> Result<Vec<(Vec<i64>, bool)>> {
+    let n_layer = e.spec().cfg.n_layer;
+    let n_ctx = e.spec().cfg.n_ctx;
+    let device = e.device();
+    let mut out: Vec<Option<(Vec<i64>, bool)>> = vec![None; prompts.len()];
+    let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    lens.sort_unstable();
+    lens.dedup();
+    for len in lens {
+        let rows: Vec<usize> = (0..prompts.len()).filter(|&i| prompts[i].len() == len).collect();
+        let flat: Vec<i64> = rows.iter().flat_map(|&i| prompts[i].iter().copied()).collect();
+        let mut cur = Tensor::from_slice(&flat).reshape([rows.len() as i64, len as i64]).to_device(device);
+        let mut cache: Vec<KvCache> = (0..n_layer).map(|_| KvCache::default()).collect();
+        let mut pos = 0i64;
+        let mut done = vec![false; rows.len()];
+        let mut gen: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
+        for _ in 0..max_new.min(n_ctx.saturating_sub(len)) {
+            let logits = e.forward_cached(&cur, &mut cache, pos)?;
+            pos += cur.size()[1];
+            let next = crate::generate::pick(&logits.select(1, -1), s).to_device(tch::Device::Cpu);
+            let next: Vec<i64> = Vec::<i64>::try_from(&next)?;
+            let mut col = Vec::with_capacity(rows.len());
+            for (k, &t) in next.iter().enumerate() {
+                if done[k] {
+                    col.push(pad);
+                } else {
+                    gen[k].push(t);
+                    done[k] = t == eos;
+                    col.push(t);
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            cur = Tensor::from_slice(&col).reshape([rows.len() as i64, 1]).to_device(device);
+        }
+        for (k, &i) in rows.iter().enumerate() {
+            out[i] = Some((std::mem::take(&mut gen[k]), done[k]));
+        }
+    }
+    Ok(out.into_iter().map(|o| o.expect("every prompt sampled")).collect())
+}
+
+/// The four models of a PPO run.
+pub struct Models {
+    pub actor: Box<dyn Engine>,
+    pub critic: Box<dyn Engine>,
+    pub reference: Box<dyn Engine>,
+    pub reward: Box<dyn Engine>,
+}
+
+fn load_into(e: &mut dyn Engine, dir: &std::path::Path, head_from: HeadKind) -> Result<()> {
+    let p = CkptPaths::new(dir);
+    let mut w = load_tensors(&p.model())?;
+    if head_from != e.spec().head {
+        w.retain(|k, _| !k.starts_with("v_head.") && !k.starts_with("score."));
+    }
+    if let Some(missing) = e.spec().params.iter().find(|s| !w.contains_key(&s.name) && !s.name.starts_with("v_head.") && !s.name.starts_with("score.")) {
+        return Err(HarnessError::Checkpoint {
+            path: p.model(),
+            msg: format!("lacks {}", missing.name),
+        });
+    }
+    e.import(&w)
+}
+
+/// Builds and loads the four models. Each chunked model gets its share of the budgets (the
+/// trainable ones twice the frozen ones').
+pub fn build_models(a: &TrainArgs, p: &PpoArgs, notes: &mut Vec<String>) -> Result<(Models, Tokenizer)> {
+    let need = |x: &Option<PathBuf>, what: &str| x.clone().ok_or_else(|| HarnessError::Config(format!("give --{what} DIR (a checkpoint directory)")));
+    let (actor_dir, rm_path) = (need(&p.actor, "actor")?, need(&p.reward_model, "reward-model")?);
+    let actor_cfg = CkptPaths::new(&actor_dir).read_config()?;
+    let rm_dir = p.critic.clone().unwrap_or_else(|| rm_path.clone());
+    let rm_cfg = CkptPaths::new(&rm_path).read_config()?;
+    let critic_cfg = CkptPaths::new(&rm_dir).read_config()?;
+    if rm_cfg.tokenizer != actor_cfg.tokenizer {
+        return Err(HarnessError::Config("the reward model and the actor use different tokenizers".into()));
+    }
+    let tok = Tokenizer::new(actor_cfg.tokenizer)?;
+    let share = |frac: f64, b: Option<u64>| b.map(|x| (x as f64 * frac) as u64);
+    let args = |frac: f64| {
+        let mut x = a.clone();
+        x.device_budget = share(frac, a.device_budget);
+        x.host_budget = share(frac, a.host_budget);
+        x.init = None;
+        x.resume = false;
+        x
+    };
+    let (ta, tf) = (1.0 / 3.0, 1.0 / 6.0);
+    let mut actor = build_engine(&args(ta), actor_cfg.model.clone(), HeadKind::Lm, notes)?;
+    load_into(actor.as_mut(), &actor_dir, actor_cfg.head)?;
+    let mut ca = args(ta);
+    ca.lr = p.critic_lr;
+    let mut critic = build_engine(&ca, critic_cfg.model.clone(), HeadKind::Value, notes)?;
+    load_into(critic.as_mut(), &rm_dir, critic_cfg.head)?;
+    let frozen = |x: TrainArgs, cfg: crate::model::GptConfig, head: HeadKind, notes: &mut Vec<String>| -> Result<Box<dyn Engine>> {
+        crate::train::build_engine_with(&x, ModelSpec::new(cfg, head), TrainOpts::frozen(x.compute_dtype()), notes)
+    };
+    let mut reference = frozen(args(tf), actor_cfg.model.clone(), HeadKind::Lm, notes)?;
+    load_into(reference.as_mut(), &actor_dir, actor_cfg.head)?;
+    let mut reward = frozen(args(tf), rm_cfg.model.clone(), HeadKind::Score, notes)?;
+    load_into(reward.as_mut(), &rm_path, rm_cfg.head)?;
+    Ok((Models { actor, critic, reference, reward }, tok))
+}
+
+fn pad_rows(rows: &[Vec<i64>], pad: i64) -> Tensor {
+    let t = rows.iter().map(Vec::len).max().unwrap_or(1);
+    let mut ids = vec![pad; rows.len() * t];
+    for (r, s) in rows.iter().enumerate() {
+        ids[r * t..r * t + s.len()].copy_from_slice(s);
+    }
+    Tensor::from_slice(&ids).reshape([rows.len() as i64, t as i64])
+}
+
+/// Collects one batch of experience for `prompts`.
+pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String], beta: f64) -> Result<Experience> {
+    let device = m.actor.device();
+    let pids: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|x| {
+            let mut v = vec![tok.bos()];
+            v.extend(tok.encode(x));
+            v
+        })
+        .collect();
+    let sampler = Sampler::Sample {
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+    };
+    let resp = sample_cached(m.actor.as_mut(), &pids, p.max_new, tok.eos(), tok.pad(), sampler)?;
+    let seqs: Vec<Vec<i64>> = pids.iter().zip(&resp).map(|(a, (r, _))| [a.clone(), r.clone()].concat()).collect();
+    let ids = pad_rows(&seqs, tok.pad()).to_device(device);
+    let (b, t) = (seqs.len(), ids.size()[1] as usize);
+    let mut mask = vec![0f32; b * (t - 1)];
+    for (r, (pi, (ri, _))) in pids.iter().zip(&resp).enumerate() {
+        for k in 0..ri.len() {
+            mask[r * (t - 1) + pi.len() - 1 + k] = 1.0;
+        }
+    }
+    let mask = Tensor::from_slice(&mask).reshape([b as i64, (t - 1) as i64]).to_device(device);
+    let old_logp = token_logp(&m.actor.forward(&ids)?, &ids, p.temperature) * &mask;
+    let ref_logp = token_logp(&m.reference.forward(&ids)?, &ids, p.temperature) * &mask;
+    let values = m.critic.forward(&ids)?.narrow(1, 0, (t - 1) as i64) * &mask;
+    // The reward model reads each sequence at its last response token.
+    let last: Vec<i64> = seqs.iter().map(|s| s.len() as i64 - 1).collect();
+    let scores = gather_last(&m.reward.forward(&ids)?, &Tensor::from_slice(&last));
+    let scores: Vec<f64> = Vec::<f64>::try_from(&scores.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+    let lp: Vec<f32> = Vec::<f32>::try_from(&old_logp.to_device(tch::Device::Cpu).reshape([-1]))?;
+    let rl: Vec<f32> = Vec::<f32>::try_from(&ref_logp.to_device(tch::Device::Cpu).reshape([-1]))?;
+    let vals: Vec<f32> = Vec::<f32>::try_from(&values.to_device(tch::Device::Cpu).reshape([-1]))?;
+    let mut adv = vec![0f64; b * (t - 1)];
+    let mut ret = vec![0f64; b * (t - 1)];
+    let mut kl = Vec::with_capacity(b);
+    for r in 0..b {
+        let start = pids[r].len() - 1;
+        let n = resp[r].0.len();
+        let row = |v: &[f32]| -> Vec<f64> { (start..start + n).map(|i| v[r * (t - 1) + i] as f64).collect() };
+        let (lpr, rlr, vr) = (row(&lp), row(&rl), row(&vals));
+        let mut rewards: Vec<f64> = lpr.iter().zip(&rlr).map(|(a, b)| -beta * (a - b)).collect();
+        kl.push(lpr.iter().zip(&rlr).map(|(a, b)| a - b).sum());
+        if let Some(x) = rewards.last_mut() {
+            *x += scores[r].clamp(-p.reward_clip, p.reward_clip);
+        }
+        let (a, rt) = gae(&rewards, &vr, p.gamma, p.lam);
+        for k in 0..n {
+            adv[r * (t - 1) + start + k] = a[k];
+            ret[r * (t - 1) + start + k] = rt[k];
+        }
+    }
+    let m_cpu: Vec<f32> = Vec::<f32>::try_from(&mask.to_device(tch::Device::Cpu).reshape([-1]))?;
+    let adv = whiten(&adv, &m_cpu);
+    let shape = [b as i64, (t - 1) as i64];
+    let to_t = |v: &[f64]| Tensor::from_slice(&v.iter().map(|&x| x as f32).collect::<Vec<_>>()).reshape(shape).to_device(device);
+    let texts = prompts.iter().zip(&resp).map(|(pr, (r, _))| (pr.clone(), tok.decode(r))).collect();
+    Ok(Experience {
+        advantages: to_t(&adv),
+        returns: to_t(&ret),
+        ids,
+        mask,
+        old_logp,
+        old_values: values,
+        scores,
+        kl,
+        lens: resp.iter().map(|(r, _)| r.len()).collect(),
+        ended: resp.iter().map(|(_, e)| *e).collect(),
+        texts,
+    })
+}
+
+/// Statistics of one minibatch update, filled inside the loss closures.
+#[derive(Default, Clone, Copy)]
+struct MbStats {
+    policy_loss: f64,
+    value_loss: f64,
+    approx_kl: f64,
+    clipfrac: f64,
+    entropy: f64,
+    ratio_mean: f64,
+}
+
+fn masked_mean(x: &Tensor, m: &Tensor) -> Tensor {
+    (x * m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0)
+}
+
+/// PPO losses on one minibatch of rows; returns statistics.
+fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs) -> Result<MbStats> {
+    let ids = x.ids.index_select(0, rows);
+    let mask = x.mask.index_select(0, rows);
+    let old_lp = x.old_logp.index_select(0, rows);
+    let adv = x.advantages.index_select(0, rows);
+    let ret = x.returns.index_select(0, rows);
+    let old_v = x.old_values.index_select(0, rows);
+    let stats = RefCell::new(MbStats::default());
+    let eps = p.clip_eps;
+    let temp = p.temperature;
+    m.actor.step(&ids, &|logits: &Tensor| {
+        let lp = token_logp(logits, &ids, temp);
+        let ratio = (&lp - &old_lp).exp();
+        let pg1 = -&adv * &ratio;
+        let pg2 = -&adv * ratio.clamp(1.0 - eps, 1.0 + eps);
+        let loss = masked_mean(&pg1.max_other(&pg2), &mask);
+        tch::no_grad(|| {
+            let mut s = stats.borrow_mut();
+            let logr = &lp - &old_lp;
+            s.approx_kl = masked_mean(&((logr.exp() - 1.0) - &logr), &mask).double_value(&[]);
+            s.clipfrac = masked_mean(&(&ratio - 1.0).abs().gt(eps).to_kind(Kind::Float), &mask).double_value(&[]);
+            s.ratio_mean = masked_mean(&ratio, &mask).double_value(&[]);
+            let t = logits.size()[1];
+            let l = filter_logits(&(logits.narrow(1, 0, t - 1) / temp).reshape([-1, logits.size()[2]]), 0, 1.0).log_softmax(-1, Kind::Float);
+            let ent = -(l.exp() * &l).sum_dim_intlist(-1, false, Kind::Float).reshape(mask.size());
+            s.entropy = masked_mean(&ent, &mask).double_value(&[]);
+            s.policy_loss = loss.double_value(&[]);
+        });
+        loss
+    })?;
+    let vc = p.value_clip;
+    m.critic.step(&ids, &|values: &Tensor| {
+        let t = values.size()[1];
+        let v = values.narrow(1, 0, t - 1);
+        let v_clip = &old_v + (&v - &old_v).clamp(-vc, vc);
+        let l1 = (&v - &ret).square();
+        let l2 = (&v_clip - &ret).square();
+        let loss = masked_mean(&l1.max_other(&l2), &mask) * 0.5;
+        stats.borrow_mut().value_loss = tch::no_grad(|| loss.double_value(&[]));
+        loss
+    })?;
+    Ok(stats.into_inner())
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn std(v: &[f64]) -> f64 {
+    let m = mean(v);
+    (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / v.len().max(1) as f64).sqrt()
+}
+
+/// Mean gold reward of sampled responses to held-out prompts, and the samples.
+pub fn gold_eval(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, task: Task, prompts: &[String]) -> Result<(f64, Vec<Value>)> {
+    let mut rewards = Vec::new();
+    let mut samples = Vec::new();
+    let pids: Vec<Vec<i64>> = prompts
+        .iter()
+        .flat_map(|x| {
+            let mut v = vec![tok.bos()];
+            v.extend(tok.encode(x));
+            std::iter::repeat_n(v, p.eval_samples.max(1))
+        })
+        .collect();
+    let s = Sampler::Sample {
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+    };
+    let out = sample_cached(m.actor.as_mut(), &pids, p.max_new, tok.eos(), tok.pad(), s)?;
+    for (i, (r, ended)) in out.iter().enumerate() {
+        let prompt = &prompts[i / p.eval_samples.max(1)];
+        let text = tok.decode(r);
+        let g = task.reward(prompt, &text, *ended);
+        rewards.push(g);
+        samples.push(json!({"prompt": prompt, "response": text, "gold_reward": g}));
+    }
+    Ok((mean(&rewards), samples))
+}
+
+/// Stage lengths of `stowage pipeline`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineArgs {
+    #[arg(long, default_value_t = 1000)]
+    pub sft_steps: u64,
+    #[arg(long, default_value_t = 1000)]
+    pub rm_steps: u64,
+    #[arg(long, default_value_t = 100)]
+    pub ppo_steps: u64,
+    /// PPO actor learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub ppo_lr: f32,
+    /// SFT data for user runs (`--data` then holds PPO prompts): `{"prompt","completion"}`.
+    #[arg(long)]
+    pub sft_data: Option<PathBuf>,
+    /// Preference data for user runs: `{"prompt","chosen","rejected"}`.
+    #[arg(long)]
+    pub rm_data: Option<PathBuf>,
+}
+
+/// `stowage pipeline`: SFT, then the reward model, then PPO, each in `OUT/<stage>`, the report
+/// in `OUT/report.json`.
+pub fn run_pipeline(a: &TrainArgs, l: &PipelineArgs, p: &PpoArgs) -> Result<Value> {
+    if a.task.is_none() && (l.sft_data.is_none() || l.rm_data.is_none() || a.data.is_none()) {
+        return Err(HarnessError::Config("give --task NAME, or --sft-data, --rm-data and --data (PPO prompts)".into()));
+    }
+    let stage = |name: &str, steps: u64, data: Option<PathBuf>| {
+        let mut x = a.clone();
+        x.out = a.out.join(name);
+        x.steps = steps;
+        if a.task.is_none() {
+            x.data = data;
+            x.eval_data = None;
+        }
+        x
+    };
+    let mut sft = stage("sft", l.sft_steps, l.sft_data.clone());
+    sft.eval_every = 0;
+    let s = crate::train::run_sft(&sft)?;
+    let mut rm = stage("rm", l.rm_steps, l.rm_data.clone());
+    rm.eval_every = 0;
+    rm.corrupt = 0.0;
+    let r = crate::train::run_rm(&rm, crate::train::RmLoss::LogSig)?;
+    let mut ppo = stage("ppo", l.ppo_steps, a.data.clone());
+    ppo.lr = l.ppo_lr;
+    ppo.eval_every = 0;
+    let mut pp = p.clone();
+    pp.actor = Some(sft.out.join("checkpoint"));
+    pp.reward_model = Some(rm.out.join("checkpoint"));
+    let o = run_ppo(&ppo, &pp)?;
+    let mem: Value = std::fs::read_to_string(ppo.out.join("report.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .map(|v| v["memory"].clone())
+        .unwrap_or(Value::Null);
+    for (k, v) in [("sft", &s), ("rm", &r), ("ppo", &o)] {
+        update_report(&a.out, k, v.clone(), mem.clone())?;
+    }
+    for f in ["samples.jsonl"] {
+        let _ = std::fs::copy(ppo.out.join(f), a.out.join(f));
+    }
+    Ok(json!({"sft": s, "rm": r, "ppo": o}))
+}
+
+/// `stowage ppo`: returns the report section.
+pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
+    tch::manual_seed(a.seed as i64);
+    let mut notes = Vec::new();
+    let (mut m, tok) = build_models(a, p, &mut notes)?;
+    let (train_prompts, eval_prompts): (Vec<String>, Vec<String>) = match (&a.task, &a.data) {
+        (Some(t), None) => (t.prompts(a.train_size, a.seed, false), t.prompts(a.eval_size, a.seed, true)),
+        (None, Some(d)) => {
+            let v: Vec<PromptExample> = load_jsonl(d)?;
+            let e: Vec<PromptExample> = match &a.eval_data {
+                Some(e) => load_jsonl(e)?,
+                None => Vec::new(),
+            };
+            (v.into_iter().map(|x| x.prompt).collect(), e.into_iter().map(|x| x.prompt).collect())
+        }
+        _ => return Err(HarnessError::Config("give exactly one of --task NAME and --data PROMPTS.jsonl".into())),
+    };
+    let mut run = Run::open(&a.out, a.steps, a.quiet, "ppo")?;
+    for n in &notes {
+        run.bar.println(format!("note: {n}"));
+    }
+    let gold_before = match a.task {
+        Some(t) => Some(gold_eval(&mut m, &tok, p, t, &eval_prompts)?.0),
+        None => None,
+    };
+    let mut kl_ctl = KlController::new(p.kl_coef, p.kl_target, p.kl_horizon);
+    let mut last_kl = 0.0;
+    let mut rng_rows = rand_chacha::ChaCha8Rng::from_seed_u64(a.seed);
+    for it in 0..a.steps {
+        let t0 = Instant::now();
+        let idx = batch_indices(a.seed, it, train_prompts.len(), a.batch_size);
+        let prompts: Vec<String> = idx.iter().map(|&i| train_prompts[i].clone()).collect();
+        let beta = kl_ctl.beta;
+        let x = collect(&mut m, &tok, p, &prompts, beta)?;
+        let gen_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let lr = lr_at(a.lr, it, a.steps);
+        m.actor.set_lr(lr);
+        m.critic.set_lr(lr_at(p.critic_lr, it, a.steps));
+        let b = x.ids.size()[0];
+        let mut agg = Vec::new();
+        for _ in 0..p.ppo_epochs {
+            let perm = algo::permutation(b as usize, &mut rng_rows);
+            for part in perm.chunks((b as usize).div_ceil(p.minibatches.max(1))) {
+                let rows = Tensor::from_slice(&part.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(x.ids.device());
+                agg.push(update_minibatch(&mut m, &x, &rows, p)?);
+            }
+        }
+        let train_s = t1.elapsed().as_secs_f64();
+        let kl_mean = mean(&x.kl);
+        last_kl = kl_mean;
+        kl_ctl.update(kl_mean, b as u64);
+        let gold: Vec<f64> = match a.task {
+            Some(t) => x.texts.iter().zip(&x.ended).map(|((pr, r), e)| t.reward(pr, r, *e)).collect(),
+            None => Vec::new(),
+        };
+        let ev = algo::explained_variance(&x.old_values, &x.returns, &x.mask);
+        let avg = |f: fn(&MbStats) -> f64| agg.iter().map(f).sum::<f64>() / agg.len().max(1) as f64;
+        let tokens: usize = x.lens.iter().sum::<usize>() + x.ids.numel();
+        let mut line = json!({
+            "stage": "ppo", "step": it + 1,
+            "reward_mean": mean(&x.scores), "reward_std": std(&x.scores),
+            "kl": kl_mean, "beta": beta,
+            "entropy": avg(|s| s.entropy), "approx_kl": avg(|s| s.approx_kl), "clipfrac": avg(|s| s.clipfrac),
+            "policy_loss": avg(|s| s.policy_loss), "value_loss": avg(|s| s.value_loss),
+            "ratio_mean": avg(|s| s.ratio_mean),
+            "explained_variance": ev,
+            "response_length": mean(&x.lens.iter().map(|&l| l as f64).collect::<Vec<_>>()),
+            "eos_rate": mean(&x.ended.iter().map(|&e| e as u8 as f64).collect::<Vec<_>>()),
+            "generation_s": gen_s, "training_s": train_s,
+            "tokens_per_s": tokens as f64 / (gen_s + train_s).max(1e-9),
+            "memory": {"actor": m.actor.memory().tiers, "critic": m.critic.memory().tiers},
+        });
+        if !gold.is_empty() {
+            line["gold_reward_train"] = json!(mean(&gold));
+        }
+        run.log(line)?;
+        run.bar.set_message(format!("reward {:.3} | kl {:.3} | gold {:.3}", mean(&x.scores), kl_mean, mean(&gold)));
+        run.bar.inc(1);
+        if let Some(t) = a.task {
+            if a.eval_every > 0 && (it + 1) % a.eval_every == 0 && it + 1 != a.steps {
+                let (g, _) = gold_eval(&mut m, &tok, p, t, &eval_prompts)?;
+                run.log(json!({"stage": "ppo", "step": it + 1, "gold_reward_heldout": g}))?;
+            }
+        }
+    }
+    let (gold_after, samples) = match a.task {
+        Some(t) => {
+            let (g, s) = gold_eval(&mut m, &tok, p, t, &eval_prompts)?;
+            (Some(g), s)
+        }
+        None => (None, Vec::new()),
+    };
+    crate::data::save_jsonl(&a.out.join("samples.jsonl"), &samples)?;
+    crate::train::save_checkpoint(m.actor.as_mut(), &a.out.join("actor"), tok.kind(), a.seed)?;
+    run.bar.finish_and_clear();
+    let section = json!({
+        "gold_reward_before": gold_before, "gold_reward_after": gold_after, "kl_final": last_kl,
+        "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(),
+    });
+    let mut mem = memory_json(m.actor.as_ref());
+    let mut moved: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut dev_peak = 0;
+    for e in [&m.actor, &m.critic, &m.reference, &m.reward] {
+        let r = e.memory();
+        dev_peak += r.device_peak_bytes;
+        for (k, v) in r.bytes_moved {
+            *moved.entry(k).or_default() += v;
+        }
+    }
+    mem["bytes_moved"] = json!(moved);
+    mem["device_peak_bytes"] = json!(dev_peak);
+    update_report(&a.out, "ppo", section.clone(), mem)?;
+    Ok(section)
+}
+
+trait FromSeed {
+    fn from_seed_u64(s: u64) -> Self;
+}
+
+impl FromSeed for rand_chacha::ChaCha8Rng {
+    fn from_seed_u64(s: u64) -> Self {
+        <Self as rand::SeedableRng>::seed_from_u64(s ^ 0x9907)
+    }
+}

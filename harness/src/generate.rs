@@ -43,20 +43,28 @@ pub fn filter_logits(logits: &Tensor, top_k: i64, top_p: f64) -> Tensor {
     l
 }
 
-/// Picks the next tokens `[N]` from last-position logits `[N, V]`.
-pub fn pick(logits: &Tensor, s: Sampler) -> Tensor {
+/// Picks the next tokens `[N]` from last-position logits `[N, V]`. Sampling draws its
+/// uniforms from `rng` (inverse CDF), so it depends on the caller's seed alone, never on
+/// libtorch's global generator that other threads share.
+pub fn pick(logits: &Tensor, s: Sampler, rng: &mut impl rand::Rng) -> Tensor {
     match s {
         Sampler::Greedy => logits.argmax(-1, false),
         Sampler::Sample { temperature, top_k, top_p } => {
             let l = filter_logits(&(logits / temperature.max(1e-6)), top_k, top_p);
-            l.softmax(-1, Kind::Float).multinomial(1, true).squeeze_dim(1)
+            let cum = l.softmax(-1, Kind::Double).cumsum(-1, Kind::Double);
+            let n = cum.size()[0];
+            let u: Vec<f64> = (0..n).map(|_| rng.gen::<f64>()).collect();
+            let u = Tensor::from_slice(&u).to_device(cum.device()).unsqueeze(1);
+            // The first index whose cumulative probability exceeds u.
+            let idx = cum.lt_tensor(&u).sum_dim_intlist(-1, false, Kind::Int64);
+            idx.clamp_max(cum.size()[1] - 1)
         }
     }
 }
 
 /// Continues each prompt by up to `max_new` tokens (fewer near the context limit), batching
 /// prompts of equal length; every forward pass recomputes the whole sequence.
-pub fn generate(engine: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, eos: i64, pad: i64, s: Sampler) -> Result<Vec<Generated>> {
+pub fn generate(engine: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, eos: i64, pad: i64, s: Sampler, rng: &mut impl rand::Rng) -> Result<Vec<Generated>> {
     let n_ctx = engine.spec().cfg.n_ctx;
     let device = engine.device();
     let mut out: Vec<Option<Generated>> = vec![None; prompts.len()];
@@ -73,7 +81,7 @@ pub fn generate(engine: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, e
         for _ in 0..steps {
             let logits = engine.forward(&cur)?;
             let last = logits.select(1, -1);
-            let next = pick(&last, s).to_device(tch::Device::Cpu);
+            let next = pick(&last, s, rng).to_device(tch::Device::Cpu);
             let next: Vec<i64> = Vec::<i64>::try_from(&next)?;
             let mut col = Vec::with_capacity(rows.len());
             for (k, &t) in next.iter().enumerate() {
@@ -115,6 +123,14 @@ mod tests {
         let p = filter_logits(&l, 0, 0.7);
         let kept: Vec<bool> = Vec::<bool>::try_from(&p.isfinite().reshape([-1])).unwrap();
         assert_eq!(kept, vec![false, true, true, false]);
-        assert_eq!(pick(&l, Sampler::Greedy).int64_value(&[0]), 1);
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        assert_eq!(pick(&l, Sampler::Greedy, &mut rng).int64_value(&[0]), 1);
+        // Sampled frequencies follow the softmax: token 1 about 64% of the time.
+        let s = Sampler::Sample { temperature: 1.0, top_k: 0, top_p: 1.0 };
+        let many = l.repeat([4000, 1]);
+        let picks: Vec<i64> = Vec::<i64>::try_from(&pick(&many, s, &mut rng)).unwrap();
+        let ones = picks.iter().filter(|&&t| t == 1).count() as f64 / 4000.0;
+        assert!((ones - 0.644).abs() < 0.03, "{ones}");
+        assert!(picks.iter().all(|&t| (0..4).contains(&t)));
     }
 }

@@ -29,7 +29,10 @@ fn disk_free(dir: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs returned 0, so it initialised `st`.
     let st = unsafe { st.assume_init() };
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    // The field types differ between libc targets (u32 on some 32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    Some(free)
 }
 
 /// The tiers this machine offers, as JSON: device (CUDA or simulated), host, NVMe engine, and

@@ -140,7 +140,7 @@ fn run_generate(checkpoint: PathBuf, prompts: Vec<String>, max_new: usize, tempe
     }
     let mut e = Naive::new(ModelSpec::new(c.model, c.head), device, TrainOpts::default(), 0)?;
     e.import(&load_tensors(&p.model())?)?;
-    tch::manual_seed(seed as i64);
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     let ids: Vec<Vec<i64>> = prompts
         .iter()
         .map(|x| {
@@ -150,7 +150,7 @@ fn run_generate(checkpoint: PathBuf, prompts: Vec<String>, max_new: usize, tempe
         })
         .collect();
     let s = if temperature > 0.0 { Sampler::Sample { temperature, top_k, top_p } } else { Sampler::Greedy };
-    for (prompt, g) in prompts.iter().zip(generate(&mut e, &ids, max_new, tok.eos(), tok.pad(), s)?) {
+    for (prompt, g) in prompts.iter().zip(generate(&mut e, &ids, max_new, tok.eos(), tok.pad(), s, &mut rng)?) {
         println!("{}", serde_json::json!({"prompt": prompt, "response": tok.decode(&g.tokens), "ended_with_eos": g.ended}));
     }
     Ok(())

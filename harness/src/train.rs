@@ -442,7 +442,7 @@ fn load_start(a: &TrainArgs, e: &mut dyn Engine, head: HeadKind, run: &Path) -> 
     if a.resume {
         let p = CkptPaths::new(run.join("checkpoint"));
         let c = p.read_config()?;
-        if c.head != head || &c.model != &e.spec().cfg {
+        if c.head != head || c.model != e.spec().cfg {
             return Err(HarnessError::Config(format!("--resume: {} holds a different model ({} {:?})", p.dir.display(), c.model.name, c.head)));
         }
         let w = load_tensors(&p.model())?;
@@ -526,7 +526,8 @@ pub fn eval_exact_match(e: &mut dyn Engine, tok: &Tokenizer, eval: &[SftExample]
     let ctx = e.spec().cfg.n_ctx;
     let prompts: Vec<Vec<i64>> = eval.iter().map(|x| encode_pair(tok, &x.prompt, "", ctx).0[..].split_last().map(|(_, p)| p.to_vec()).unwrap_or_default()).collect();
     let max_new = eval.iter().map(|x| tok.encode(&x.completion).len() + 1).max().unwrap_or(1) + 2;
-    let gen = generate(e, &prompts, max_new, tok.eos(), tok.pad(), Sampler::Greedy)?;
+    let mut rng = <ChaCha8Rng as SeedableRng>::seed_from_u64(0);
+    let gen = generate(e, &prompts, max_new, tok.eos(), tok.pad(), Sampler::Greedy, &mut rng)?;
     let mut hits = 0usize;
     let mut samples = Vec::new();
     for (x, g) in eval.iter().zip(&gen) {

@@ -36,8 +36,8 @@ pub struct PpoArgs {
     pub reward_model: Option<PathBuf>,
     #[arg(long)]
     pub critic: Option<PathBuf>,
-    /// Longest response.
-    #[arg(long, default_value_t = 16)]
+    /// Longest response (tokens).
+    #[arg(long, default_value_t = 48)]
     pub max_new: usize,
     /// Sampling temperature (also applied when recomputing log-probabilities).
     #[arg(long, default_value_t = 1.0)]
@@ -105,7 +105,7 @@ pub fn token_logp(logits: &Tensor, ids: &Tensor, temperature: f64) -> Tensor {
 }
 
 /// Samples continuations with a key/value cache, prompts of equal length batched together.
-pub fn sample_cached(e: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, eos: i64, pad: i64, s: Sampler) -> Result<Vec<(Vec<i64>, bool)>> {
+pub fn sample_cached(e: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, eos: i64, pad: i64, s: Sampler, rng: &mut impl rand::Rng) -> Result<Vec<(Vec<i64>, bool)>> {
     let n_layer = e.spec().cfg.n_layer;
     let n_ctx = e.spec().cfg.n_ctx;
     let device = e.device();
@@ -124,7 +124,7 @@ pub fn sample_cached(e: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, e
         for _ in 0..max_new.min(n_ctx.saturating_sub(len)) {
             let logits = e.forward_cached(&cur, &mut cache, pos)?;
             pos += cur.size()[1];
-            let next = crate::generate::pick(&logits.select(1, -1), s).to_device(tch::Device::Cpu);
+            let next = crate::generate::pick(&logits.select(1, -1), s, rng).to_device(tch::Device::Cpu);
             let next: Vec<i64> = Vec::<i64>::try_from(&next)?;
             let mut col = Vec::with_capacity(rows.len());
             for (k, &t) in next.iter().enumerate() {
@@ -220,7 +220,7 @@ fn pad_rows(rows: &[Vec<i64>], pad: i64) -> Tensor {
 }
 
 /// Collects one batch of experience for `prompts`.
-pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String], beta: f64) -> Result<Experience> {
+pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String], beta: f64, rng: &mut impl rand::Rng) -> Result<Experience> {
     let device = m.actor.device();
     let pids: Vec<Vec<i64>> = prompts
         .iter()
@@ -235,7 +235,7 @@ pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String],
         top_k: p.top_k,
         top_p: p.top_p,
     };
-    let resp = sample_cached(m.actor.as_mut(), &pids, p.max_new, tok.eos(), tok.pad(), sampler)?;
+    let resp = sample_cached(m.actor.as_mut(), &pids, p.max_new, tok.eos(), tok.pad(), sampler, rng)?;
     let seqs: Vec<Vec<i64>> = pids.iter().zip(&resp).map(|(a, (r, _))| [a.clone(), r.clone()].concat()).collect();
     let ids = pad_rows(&seqs, tok.pad()).to_device(device);
     let (b, t) = (seqs.len(), ids.size()[1] as usize);
@@ -365,7 +365,9 @@ fn std(v: &[f64]) -> f64 {
 }
 
 /// Mean gold reward of sampled responses to held-out prompts, and the samples.
-pub fn gold_eval(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, task: Task, prompts: &[String]) -> Result<(f64, Vec<Value>)> {
+pub fn gold_eval(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, task: Task, prompts: &[String], seed: u64) -> Result<(f64, Vec<Value>)> {
+    // The same draws before and after training: the comparison sees the policy change alone.
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed ^ 0xe7a1);
     let mut rewards = Vec::new();
     let mut samples = Vec::new();
     let pids: Vec<Vec<i64>> = prompts
@@ -381,7 +383,7 @@ pub fn gold_eval(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, task: Task, promp
         top_k: p.top_k,
         top_p: p.top_p,
     };
-    let out = sample_cached(m.actor.as_mut(), &pids, p.max_new, tok.eos(), tok.pad(), s)?;
+    let out = sample_cached(m.actor.as_mut(), &pids, p.max_new, tok.eos(), tok.pad(), s, &mut rng)?;
     for (i, (r, ended)) in out.iter().enumerate() {
         let prompt = &prompts[i / p.eval_samples.max(1)];
         let text = tok.decode(r);
@@ -395,11 +397,11 @@ pub fn gold_eval(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, task: Task, promp
 /// Stage lengths of `stowage pipeline`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PipelineArgs {
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 400)]
     pub sft_steps: u64,
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 400)]
     pub rm_steps: u64,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 40)]
     pub ppo_steps: u64,
     /// PPO actor learning rate.
     #[arg(long, default_value_t = 1e-4)]
@@ -450,15 +452,12 @@ pub fn run_pipeline(a: &TrainArgs, l: &PipelineArgs, p: &PpoArgs) -> Result<Valu
     for (k, v) in [("sft", &s), ("rm", &r), ("ppo", &o)] {
         update_report(&a.out, k, v.clone(), mem.clone())?;
     }
-    for f in ["samples.jsonl"] {
-        let _ = std::fs::copy(ppo.out.join(f), a.out.join(f));
-    }
+    std::fs::copy(ppo.out.join("samples.jsonl"), a.out.join("samples.jsonl")).map_err(|e| HarnessError::io("copying samples to", a.out.join("samples.jsonl"), e))?;
     Ok(json!({"sft": s, "rm": r, "ppo": o}))
 }
 
 /// `stowage ppo`: returns the report section.
 pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
-    tch::manual_seed(a.seed as i64);
     let mut notes = Vec::new();
     let (mut m, tok) = build_models(a, p, &mut notes)?;
     let (train_prompts, eval_prompts): (Vec<String>, Vec<String>) = match (&a.task, &a.data) {
@@ -478,7 +477,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         run.bar.println(format!("note: {n}"));
     }
     let gold_before = match a.task {
-        Some(t) => Some(gold_eval(&mut m, &tok, p, t, &eval_prompts)?.0),
+        Some(t) => Some(gold_eval(&mut m, &tok, p, t, &eval_prompts, a.seed)?.0),
         None => None,
     };
     let mut kl_ctl = KlController::new(p.kl_coef, p.kl_target, p.kl_horizon);
@@ -489,7 +488,9 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         let idx = batch_indices(a.seed, it, train_prompts.len(), a.batch_size);
         let prompts: Vec<String> = idx.iter().map(|&i| train_prompts[i].clone()).collect();
         let beta = kl_ctl.beta;
-        let x = collect(&mut m, &tok, p, &prompts, beta)?;
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed ^ 0x5a3b1e);
+        rng.set_stream(it);
+        let x = collect(&mut m, &tok, p, &prompts, beta, &mut rng)?;
         let gen_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let lr = lr_at(a.lr, it, a.steps);
@@ -537,14 +538,14 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         run.bar.inc(1);
         if let Some(t) = a.task {
             if a.eval_every > 0 && (it + 1) % a.eval_every == 0 && it + 1 != a.steps {
-                let (g, _) = gold_eval(&mut m, &tok, p, t, &eval_prompts)?;
+                let (g, _) = gold_eval(&mut m, &tok, p, t, &eval_prompts, a.seed)?;
                 run.log(json!({"stage": "ppo", "step": it + 1, "gold_reward_heldout": g}))?;
             }
         }
     }
     let (gold_after, samples) = match a.task {
         Some(t) => {
-            let (g, s) = gold_eval(&mut m, &tok, p, t, &eval_prompts)?;
+            let (g, s) = gold_eval(&mut m, &tok, p, t, &eval_prompts, a.seed)?;
             (Some(g), s)
         }
         None => (None, Vec::new()),
@@ -579,5 +580,109 @@ trait FromSeed {
 impl FromSeed for rand_chacha::ChaCha8Rng {
     fn from_seed_u64(s: u64) -> Self {
         <Self as rand::SeedableRng>::seed_from_u64(s ^ 0x9907)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Naive;
+    use crate::model::GptConfig;
+    use crate::tokenizer::TokenizerKind;
+
+    fn models(seed: u64) -> (Models, Tokenizer) {
+        let tok = Tokenizer::new(TokenizerKind::Byte).unwrap();
+        let cfg = GptConfig::parse("2x32x4", tok.vocab(), 48).unwrap();
+        let dev = tch::Device::Cpu;
+        let mk = |head, opts: TrainOpts, s| -> Box<dyn Engine> { Box::new(Naive::new(ModelSpec::new(cfg.clone(), head), dev, opts, s).unwrap()) };
+        let train = TrainOpts::default();
+        let frozen = TrainOpts::frozen(stowage_memory::DType::F32);
+        let m = Models {
+            actor: mk(HeadKind::Lm, train, seed),
+            reference: mk(HeadKind::Lm, frozen, seed),
+            critic: mk(HeadKind::Value, train, seed + 1),
+            reward: mk(HeadKind::Score, frozen, seed + 2),
+        };
+        (m, tok)
+    }
+
+    fn args() -> PpoArgs {
+        PpoArgs {
+            actor: None,
+            reward_model: None,
+            critic: None,
+            max_new: 6,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            ppo_epochs: 1,
+            minibatches: 2,
+            kl_coef: 0.1,
+            kl_target: 0.0,
+            kl_horizon: 10000.0,
+            clip_eps: 0.2,
+            value_clip: 0.2,
+            gamma: 1.0,
+            lam: 0.95,
+            reward_clip: 5.0,
+            critic_lr: 1e-3,
+            eval_samples: 1,
+        }
+    }
+
+    fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
+        <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed)
+    }
+
+    fn prompts() -> Vec<String> {
+        ["sort 31:", "sort 4412:", "add 10+31:", "sort 9:"].iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn identical_policy_and_reference_give_zero_kl_and_unit_ratio() {
+        let (mut m, tok) = models(1);
+        let p = args();
+        let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut rng(0)).unwrap();
+        assert!(x.kl.iter().all(|&k| k == 0.0), "KL {:?}", x.kl);
+        let rows = Tensor::from_slice(&[0i64, 1]);
+        let s = update_minibatch(&mut m, &x, &rows, &p).unwrap();
+        assert_eq!(s.ratio_mean, 1.0);
+        assert_eq!(s.approx_kl, 0.0);
+        assert_eq!(s.clipfrac, 0.0);
+    }
+
+    #[test]
+    fn the_score_is_read_at_each_sequence_s_last_token() {
+        let (mut m, tok) = models(2);
+        let p = args();
+        let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut rng(1)).unwrap();
+        for r in 0..prompts().len() {
+            // The unpadded sequence alone: its last position's score.
+            let len = (x.ids.size()[1] - 1) as usize;
+            let resp = x.lens[r];
+            let plen = 1 + tok.encode(&prompts()[r]).len();
+            let seq = x.ids.get(r as i64).narrow(0, 0, (plen + resp) as i64).unsqueeze(0);
+            let alone = m.reward.forward(&seq).unwrap().get(0).get((plen + resp - 1) as i64).double_value(&[]);
+            assert!((alone - x.scores[r]).abs() < 1e-5, "row {r}: {alone} vs {} (T {len})", x.scores[r]);
+            // Rewards and values after the response are zero: the mask ends with it.
+            let mask: Vec<f32> = Vec::<f32>::try_from(&x.mask.get(r as i64)).unwrap();
+            assert_eq!(mask.iter().filter(|&&v| v > 0.0).count(), resp);
+            let outside: Tensor = x.mask.get(r as i64).neg() + 1.0;
+            let after = (x.advantages.get(r as i64) * outside).abs().sum(Kind::Double).double_value(&[]);
+            assert_eq!(after, 0.0);
+        }
+    }
+
+    #[test]
+    fn experience_is_deterministic_for_a_seed() {
+        let p = args();
+        let run = |seed: u64| {
+            let (mut m, tok) = models(3);
+            collect(&mut m, &tok, &p, &prompts(), 0.1, &mut rng(seed)).unwrap()
+        };
+        let (a, b, c) = (run(5), run(5), run(6));
+        assert!(a.ids.equal(&b.ids) && a.advantages.equal(&b.advantages));
+        assert_eq!(a.scores, b.scores);
+        assert!(!a.ids.equal(&c.ids) || a.scores != c.scores, "another seed samples differently");
     }
 }

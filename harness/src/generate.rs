@@ -4,6 +4,7 @@ use tch::{Kind, Tensor};
 
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::model::KvCache;
 
 /// How the next token is picked.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,41 +64,43 @@ pub fn pick(logits: &Tensor, s: Sampler, rng: &mut impl rand::Rng) -> Tensor {
 }
 
 /// Continues each prompt by up to `max_new` tokens (fewer near the context limit), batching
-/// prompts of equal length; every forward pass recomputes the whole sequence.
+/// prompts of equal length and decoding with one key/value cache per block, through either
+/// strategy.
 pub fn generate(engine: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, eos: i64, pad: i64, s: Sampler, rng: &mut impl rand::Rng) -> Result<Vec<Generated>> {
+    let n_layer = engine.spec().cfg.n_layer;
     let n_ctx = engine.spec().cfg.n_ctx;
     let device = engine.device();
     let mut out: Vec<Option<Generated>> = vec![None; prompts.len()];
-    let mut lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     lens.sort_unstable();
     lens.dedup();
     for len in lens {
         let rows: Vec<usize> = (0..prompts.len()).filter(|&i| prompts[i].len() == len).collect();
         let flat: Vec<i64> = rows.iter().flat_map(|&i| prompts[i].iter().copied()).collect();
         let mut cur = Tensor::from_slice(&flat).reshape([rows.len() as i64, len as i64]).to_device(device);
+        let mut cache: Vec<KvCache> = (0..n_layer).map(|_| KvCache::default()).collect();
+        let mut pos = 0i64;
         let mut done = vec![false; rows.len()];
         let mut gen: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
-        let steps = max_new.min(n_ctx.saturating_sub(len));
-        for _ in 0..steps {
-            let logits = engine.forward(&cur)?;
-            let last = logits.select(1, -1);
-            let next = pick(&last, s, rng).to_device(tch::Device::Cpu);
+        for _ in 0..max_new.min(n_ctx.saturating_sub(len)) {
+            let logits = engine.forward_cached(&cur, &mut cache, pos)?;
+            pos += cur.size()[1];
+            let next = pick(&logits.select(1, -1), s, rng).to_device(tch::Device::Cpu);
             let next: Vec<i64> = Vec::<i64>::try_from(&next)?;
             let mut col = Vec::with_capacity(rows.len());
             for (k, &t) in next.iter().enumerate() {
                 if done[k] {
                     col.push(pad);
-                    continue;
+                } else {
+                    gen[k].push(t);
+                    done[k] = t == eos;
+                    col.push(t);
                 }
-                gen[k].push(t);
-                done[k] = t == eos;
-                col.push(t);
             }
             if done.iter().all(|&d| d) {
                 break;
             }
-            let col = Tensor::from_slice(&col).reshape([rows.len() as i64, 1]).to_device(device);
-            cur = Tensor::cat(&[&cur, &col], 1);
+            cur = Tensor::from_slice(&col).reshape([rows.len() as i64, 1]).to_device(device);
         }
         for (k, &i) in rows.iter().enumerate() {
             out[i] = Some(Generated {

@@ -164,10 +164,5 @@ pub fn torch_device() -> (Device, Option<String>) {
 pub use chunked::{Chunked, ChunkedOpts};
 pub use naive::Naive;
 
-/// Builds the model's parameter list for `head` from `cfg`.
-pub fn spec(cfg: &GptConfig, head: HeadKind) -> ModelSpec {
-    ModelSpec::new(cfg.clone(), head)
-}
-
 #[cfg(test)]
 mod tests;

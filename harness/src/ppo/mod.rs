@@ -17,8 +17,8 @@ use crate::ckpt::{load_tensors, CkptPaths};
 use crate::data::{load_jsonl, PromptExample};
 use crate::engine::{Engine, ModelSpec, TrainOpts};
 use crate::error::{HarnessError, Result};
-use crate::generate::{filter_logits, Sampler};
-use crate::model::{HeadKind, KvCache};
+use crate::generate::{filter_logits, generate, Sampler};
+use crate::model::HeadKind;
 use crate::tasks::Task;
 use crate::tokenizer::Tokenizer;
 use crate::train::{batch_indices, build_engine, gather_last, lr_at, memory_json, update_report, Run, TrainArgs};
@@ -102,50 +102,6 @@ pub fn token_logp(logits: &Tensor, ids: &Tensor, temperature: f64) -> Tensor {
     let t = logits.size()[1];
     let lp = (logits.narrow(1, 0, t - 1) / temperature).log_softmax(-1, Kind::Float);
     lp.gather(2, &ids.narrow(1, 1, t - 1).unsqueeze(-1), false).squeeze_dim(-1)
-}
-
-/// Samples continuations with a key/value cache, prompts of equal length batched together.
-pub fn sample_cached(e: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, eos: i64, pad: i64, s: Sampler, rng: &mut impl rand::Rng) -> Result<Vec<(Vec<i64>, bool)>> {
-    let n_layer = e.spec().cfg.n_layer;
-    let n_ctx = e.spec().cfg.n_ctx;
-    let device = e.device();
-    let mut out: Vec<Option<(Vec<i64>, bool)>> = vec![None; prompts.len()];
-    let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    lens.sort_unstable();
-    lens.dedup();
-    for len in lens {
-        let rows: Vec<usize> = (0..prompts.len()).filter(|&i| prompts[i].len() == len).collect();
-        let flat: Vec<i64> = rows.iter().flat_map(|&i| prompts[i].iter().copied()).collect();
-        let mut cur = Tensor::from_slice(&flat).reshape([rows.len() as i64, len as i64]).to_device(device);
-        let mut cache: Vec<KvCache> = (0..n_layer).map(|_| KvCache::default()).collect();
-        let mut pos = 0i64;
-        let mut done = vec![false; rows.len()];
-        let mut gen: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
-        for _ in 0..max_new.min(n_ctx.saturating_sub(len)) {
-            let logits = e.forward_cached(&cur, &mut cache, pos)?;
-            pos += cur.size()[1];
-            let next = crate::generate::pick(&logits.select(1, -1), s, rng).to_device(tch::Device::Cpu);
-            let next: Vec<i64> = Vec::<i64>::try_from(&next)?;
-            let mut col = Vec::with_capacity(rows.len());
-            for (k, &t) in next.iter().enumerate() {
-                if done[k] {
-                    col.push(pad);
-                } else {
-                    gen[k].push(t);
-                    done[k] = t == eos;
-                    col.push(t);
-                }
-            }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-            cur = Tensor::from_slice(&col).reshape([rows.len() as i64, 1]).to_device(device);
-        }
-        for (k, &i) in rows.iter().enumerate() {
-            out[i] = Some((std::mem::take(&mut gen[k]), done[k]));
-        }
-    }
-    Ok(out.into_iter().map(|o| o.expect("every prompt sampled")).collect())
 }
 
 /// The four models of a PPO run.
@@ -235,7 +191,7 @@ pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String],
         top_k: p.top_k,
         top_p: p.top_p,
     };
-    let resp = sample_cached(m.actor.as_mut(), &pids, p.max_new, tok.eos(), tok.pad(), sampler, rng)?;
+    let resp: Vec<(Vec<i64>, bool)> = generate(m.actor.as_mut(), &pids, p.max_new, tok.eos(), tok.pad(), sampler, rng)?.into_iter().map(|g| (g.tokens, g.ended)).collect();
     let seqs: Vec<Vec<i64>> = pids.iter().zip(&resp).map(|(a, (r, _))| [a.clone(), r.clone()].concat()).collect();
     let ids = pad_rows(&seqs, tok.pad()).to_device(device);
     let (b, t) = (seqs.len(), ids.size()[1] as usize);
@@ -383,8 +339,9 @@ pub fn gold_eval(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, task: Task, promp
         top_k: p.top_k,
         top_p: p.top_p,
     };
-    let out = sample_cached(m.actor.as_mut(), &pids, p.max_new, tok.eos(), tok.pad(), s, &mut rng)?;
-    for (i, (r, ended)) in out.iter().enumerate() {
+    let out = generate(m.actor.as_mut(), &pids, p.max_new, tok.eos(), tok.pad(), s, &mut rng)?;
+    for (i, g) in out.iter().enumerate() {
+        let (r, ended) = (&g.tokens, &g.ended);
         let prompt = &prompts[i / p.eval_samples.max(1)];
         let text = tok.decode(r);
         let g = task.reward(prompt, &text, *ended);
@@ -482,7 +439,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     };
     let mut kl_ctl = KlController::new(p.kl_coef, p.kl_target, p.kl_horizon);
     let mut last_kl = 0.0;
-    let mut rng_rows = rand_chacha::ChaCha8Rng::from_seed_u64(a.seed);
+    let mut rng_rows = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed ^ 0x9907);
     for it in 0..a.steps {
         let t0 = Instant::now();
         let idx = batch_indices(a.seed, it, train_prompts.len(), a.batch_size);
@@ -571,16 +528,6 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     mem["device_peak_bytes"] = json!(dev_peak);
     update_report(&a.out, "ppo", section.clone(), mem)?;
     Ok(section)
-}
-
-trait FromSeed {
-    fn from_seed_u64(s: u64) -> Self;
-}
-
-impl FromSeed for rand_chacha::ChaCha8Rng {
-    fn from_seed_u64(s: u64) -> Self {
-        <Self as rand::SeedableRng>::seed_from_u64(s ^ 0x9907)
-    }
 }
 
 #[cfg(test)]

@@ -674,34 +674,6 @@ impl Access<'_> {
         self.addrs.iter().all(|a| a.2)
     }
 
-    /// The whole `k`-th chunk of this access as elements (padding between tensors included; it
-    /// is zero unless written). CPU-addressable devices only.
-    pub fn chunk_slice<T: bytemuck::Pod>(&self, k: usize) -> Result<&[T]> {
-        let (addr, len, cpu) = *self.addrs.get(k).ok_or_else(|| Error::InvalidState(format!("chunk {k} is not in this access")))?;
-        if !cpu {
-            return Err(Error::unsupported("a CPU slice of GPU memory", "use chunk() with a GPU kernel"));
-        }
-        // SAFETY: the chunk is pinned on the device while this guard lives, `len` is its slot
-        // length and the slot's memory is CPU-addressable.
-        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-        bytemuck::try_cast_slice(bytes).map_err(|e| Error::unsupported("viewing the chunk with this element type", e.to_string()))
-    }
-
-    /// The whole `k`-th chunk for writing (the access must be `Mode::Write`).
-    pub fn chunk_slice_mut<T: bytemuck::Pod>(&mut self, k: usize) -> Result<&mut [T]> {
-        if self.mode != Mode::Write {
-            return Err(Error::InvalidState("writing through a read access".into()));
-        }
-        let (addr, len, cpu) = *self.addrs.get(k).ok_or_else(|| Error::InvalidState(format!("chunk {k} is not in this access")))?;
-        if !cpu {
-            return Err(Error::unsupported("a CPU slice of GPU memory", "use chunk() with a GPU kernel"));
-        }
-        // SAFETY: as in `chunk_slice`; `&mut self` and the chunk's exclusive compute flag make
-        // this the only view.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
-        bytemuck::try_cast_slice_mut(bytes).map_err(|e| Error::unsupported("viewing the chunk with this element type", e.to_string()))
-    }
-
     /// Every chunk of this access as bytes for writing, in access order (a parameter chunk with
     /// its gradient, master and moments for the optimizer); cast with `bytemuck`. Slots are
     /// aligned far beyond any element type.

@@ -12,6 +12,7 @@ pub mod generate;
 pub mod info;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod ppo;
 pub mod tasks;
 pub mod tokenizer;

@@ -10,7 +10,7 @@ use stowage_harness::engine::{torch_device, Engine, ModelSpec, Naive, TrainOpts}
 use stowage_harness::generate::{generate, Sampler};
 use stowage_harness::ppo::{run_pipeline, run_ppo, PipelineArgs, PpoArgs};
 use stowage_harness::tokenizer::Tokenizer;
-use stowage_harness::train::{run_rm, run_sft, RmLoss, TrainArgs};
+use stowage_harness::train::{run_rm, run_sft, PairArgs, RmLoss, TrainArgs};
 use stowage_harness::{info, HarnessError};
 use stowage_memory::EngineKind;
 
@@ -46,6 +46,8 @@ enum Command {
         args: TrainArgs,
         #[arg(long, value_enum, default_value_t = RmLoss::LogSig)]
         loss: RmLoss,
+        #[command(flatten)]
+        pairs: PairArgs,
     },
     /// PPO from an SFT checkpoint (actor, reference) and a reward-model checkpoint (reward,
     /// critic); `--steps` counts PPO iterations of `--batch-size` prompts.
@@ -162,7 +164,7 @@ fn main() -> ExitCode {
     let r: Result<(), HarnessError> = match cli.command {
         Command::Info { nvme_dir, engine, json } => info::run(nvme_dir.as_deref(), engine.into(), json).map_err(HarnessError::from),
         Command::Sft { args } => run_sft(&args).map(|s| println!("{}", serde_json::json!({"sft": s}))),
-        Command::Rm { args, loss } => run_rm(&args, loss).map(|s| println!("{}", serde_json::json!({"rm": s}))),
+        Command::Rm { args, loss, pairs } => run_rm(&args, loss, &pairs).map(|s| println!("{}", serde_json::json!({"rm": s}))),
         Command::Ppo { args, ppo } => run_ppo(&args, &ppo).map(|s| println!("{}", serde_json::json!({"ppo": s}))),
         Command::Pipeline { args, stages, ppo } => run_pipeline(&args, &stages, &ppo).map(|s| println!("{s}")),
         Command::Data { task, kind, size, seed, heldout, noise, out } => match kind {

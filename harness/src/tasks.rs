@@ -116,7 +116,10 @@ impl Task {
         }
     }
 
-    /// A worse variant of a completion: one or two edits (digits, letters or words).
+    /// A worse variant of a completion: one or two edits (digits, letters or words). The edits
+    /// cover the ways a policy drifts: swapped, dropped, substituted, inserted characters, and a
+    /// run appended past the answer (a reward model that never saw overlong answers rewards
+    /// them, and PPO finds that out).
     fn corrupt(self, completion: &str, rng: &mut ChaCha8Rng) -> String {
         if self == Task::Sentiment {
             let mut w: Vec<&str> = completion.split(' ').collect();
@@ -127,13 +130,26 @@ impl Task {
         let mut c: Vec<char> = completion.chars().collect();
         let alphabet: Vec<char> = if self == Task::Reverse { ('a'..='z').collect() } else { ('0'..='9').collect() };
         for _ in 0..rng.gen_range(1..=2) {
-            match rng.gen_range(0..3) {
+            match rng.gen_range(0..5) {
                 0 if c.len() > 1 => {
                     let (i, j) = (rng.gen_range(0..c.len()), rng.gen_range(0..c.len()));
                     c.swap(i, j);
                 }
                 1 if c.len() > 1 => {
                     c.remove(rng.gen_range(0..c.len()));
+                }
+                3 => {
+                    let x = *alphabet.choose(rng).expect("alphabet");
+                    c.insert(rng.gen_range(0..=c.len()), x);
+                }
+                4 => {
+                    // The last character repeated, or random ones, past the end.
+                    let x = match c.last() {
+                        Some(&l) if rng.gen_bool(0.5) => l,
+                        _ => *alphabet.choose(rng).expect("alphabet"),
+                    };
+                    let n = rng.gen_range(1..=4);
+                    c.extend(std::iter::repeat_n(x, n));
                 }
                 _ => {
                     let i = rng.gen_range(0..c.len().max(1));
@@ -228,35 +244,45 @@ impl Task {
         self.prompts(n, seed, heldout)
             .into_iter()
             .map(|prompt| {
-                let graded = self.answer(&prompt).is_none() || rng.gen_bool(0.1);
-                let candidate = |rng: &mut ChaCha8Rng| {
-                    let d = self.demo(&prompt, rng);
-                    if graded && self != Task::Sentiment {
-                        self.corrupt(&d, rng)
-                    } else {
-                        d
-                    }
-                };
-                let mut a = candidate(&mut rng);
-                let mut b = if graded { candidate(&mut rng) } else { self.corrupt(&a, &mut rng) };
-                for _ in 0..20 {
-                    if self.reward(&prompt, &a, true) != self.reward(&prompt, &b, true) {
-                        break;
-                    }
-                    b = candidate(&mut rng);
-                    if !graded {
-                        b = self.corrupt(&a, &mut rng);
-                    }
-                }
-                if self.reward(&prompt, &a, true) < self.reward(&prompt, &b, true) {
-                    std::mem::swap(&mut a, &mut b);
-                }
+                let mut p = self.pair_for(&prompt, &mut rng);
                 if rng.gen_bool(noise.clamp(0.0, 1.0)) {
-                    std::mem::swap(&mut a, &mut b);
+                    std::mem::swap(&mut p.chosen, &mut p.rejected);
                 }
-                PrefExample { prompt, chosen: a, rejected: b }
+                p
             })
             .collect()
+    }
+
+    /// One synthetic preference pair for `prompt`, ranked by gold reward (see `preferences`).
+    pub fn pair_for(self, prompt: &str, rng: &mut ChaCha8Rng) -> PrefExample {
+        let graded = self.answer(prompt).is_none() || rng.gen_bool(0.1);
+        let candidate = |rng: &mut ChaCha8Rng| {
+            let d = self.demo(prompt, rng);
+            if graded && self != Task::Sentiment {
+                self.corrupt(&d, rng)
+            } else {
+                d
+            }
+        };
+        let mut a = candidate(rng);
+        let mut b = if graded { candidate(rng) } else { self.corrupt(&a, rng) };
+        for _ in 0..20 {
+            if self.reward(prompt, &a, true) != self.reward(prompt, &b, true) {
+                break;
+            }
+            b = candidate(rng);
+            if !graded {
+                b = self.corrupt(&a, rng);
+            }
+        }
+        if self.reward(prompt, &a, true) < self.reward(prompt, &b, true) {
+            std::mem::swap(&mut a, &mut b);
+        }
+        PrefExample {
+            prompt: prompt.to_string(),
+            chosen: a,
+            rejected: b,
+        }
     }
 }
 

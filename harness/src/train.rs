@@ -167,6 +167,12 @@ pub struct TrainArgs {
     /// No progress bar (logs stay).
     #[arg(long)]
     pub quiet: bool,
+    /// Write a Chrome trace (opens in Perfetto) of the chunked strategy's compute spans and
+    /// transfers, one track per link, one process per model; the summary prints the share of
+    /// transfer time hidden under compute (`stowage pipeline`: one file per stage,
+    /// FILE-sft.json, FILE-rm.json, FILE-ppo.json).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -224,9 +230,14 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
                 DeviceArg::Cuda => DeviceChoice::Cuda,
                 DeviceArg::Sim => DeviceChoice::Simulated,
             };
+            // Pools grow by arenas (the NVMe one by preallocated file extents): a quarter of the
+            // state each, between 16 and 256 MiB, so a small model does not reserve a 256 MiB
+            // swap file per model for a few MiB of spill.
+            let arena = (spec.numel() * per_param / 4).clamp(16 << 20, 256 << 20) as usize;
             let mut tiers = TiersConfig::default()
                 .with_device(choice, a.device_budget.unwrap_or(state))
-                .with_host_budget(a.host_budget.unwrap_or(state));
+                .with_host_budget(a.host_budget.unwrap_or(state))
+                .with_arena_bytes(arena);
             if let Some(d) = &a.nvme_dir {
                 tiers = tiers.with_nvme(NvmeConfig::new(d));
             }
@@ -240,6 +251,7 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
                 tiers,
                 policy,
                 chunk_elems: a.chunk_elems,
+                trace: a.trace.is_some(),
                 ..ChunkedOpts::default()
             };
             Box::new(Chunked::new(spec, opts, copts, a.seed)?)
@@ -247,6 +259,40 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
     };
     notes.extend(e.notes());
     Ok(e)
+}
+
+/// Writes `a.trace` (when asked) from `engines`' timelines, one Chrome-trace process per model,
+/// prints the hidden share and returns it for the report (None without transfers).
+pub fn write_trace(a: &TrainArgs, engines: &[(&str, &dyn Engine)], run: &Run) -> Result<Option<f64>> {
+    let Some(path) = &a.trace else { return Ok(None) };
+    let mut events = Vec::new();
+    let mut total = stowage_memory::manager::trace::Overlap::default();
+    for (pid, (name, e)) in engines.iter().enumerate() {
+        let Some((trace, o)) = e.trace() else { continue };
+        total = total + o;
+        let pid = pid as u64 + 1;
+        events.push(json!({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}));
+        for mut ev in trace["traceEvents"].as_array().cloned().unwrap_or_default() {
+            ev["pid"] = json!(pid);
+            events.push(ev);
+        }
+    }
+    if events.is_empty() {
+        eprintln!("note: --trace: no chunk transfers to trace (the naive strategy keeps everything on the device)");
+        return Ok(None);
+    }
+    let body = serde_json::to_vec(&json!({"traceEvents": events, "displayTimeUnit": "ms"})).map_err(|e| HarnessError::Config(e.to_string()))?;
+    crate::ckpt::write_atomic(path, &body)?;
+    let share = total.share();
+    let line = match share {
+        Some(s) => format!("trace {}: {:.1}% of transfer time hidden under compute ({:.0} of {:.0} ms)", path.display(), 100.0 * s, total.hidden_us / 1e3, total.transfer_us / 1e3),
+        None => format!("trace {}: no transfers", path.display()),
+    };
+    run.bar.println(&line);
+    if run.bar.is_hidden() {
+        eprintln!("{line}");
+    }
+    Ok(share)
 }
 
 /// Peak resident memory of this process (VmHWM), bytes.
@@ -321,8 +367,21 @@ impl Run {
         })
     }
 
+    /// Draws the PNG charts of the run's metrics (`loss.png`, and for PPO `reward.png`,
+    /// `kl.png`). A failure is reported, not fatal: the metrics file is the record.
+    pub fn charts(&self) {
+        draw_charts(&self.dir);
+    }
+
     pub fn log(&mut self, v: Value) -> Result<()> {
         writeln!(self.metrics, "{v}").map_err(|e| HarnessError::io("writing", self.dir.join("metrics.jsonl"), e))
+    }
+}
+
+/// Draws the charts of `dir/metrics.jsonl`, warning on failure.
+pub fn draw_charts(dir: &Path) {
+    if let Err(e) = crate::plot::plot_run(dir) {
+        eprintln!("warning: charts not drawn: {e}");
     }
 }
 
@@ -544,6 +603,71 @@ pub fn eval_exact_match(e: &mut dyn Engine, tok: &Tokenizer, eval: &[SftExample]
     Ok((hits as f64 / eval.len().max(1) as f64, samples))
 }
 
+/// A training batch: inputs on the engine's device and the loss over the model's output.
+type Batch = (Tensor, Box<dyn Fn(&Tensor) -> Tensor>);
+
+/// Measures a stage's held-out metric (told whether this is the final evaluation).
+type Measure<'a> = Box<dyn FnMut(&mut dyn Engine, bool) -> Result<f64> + 'a>;
+
+/// What the shared loop needs from a stage: its name in the log, the training set's size, how
+/// to build a batch from example indices, and its held-out metric's key, label and measure.
+struct Stage<'a> {
+    name: &'static str,
+    n: usize,
+    batch: &'a dyn Fn(&[usize]) -> Batch,
+    key: &'static str,
+    label: &'static str,
+    measure: Measure<'a>,
+}
+
+/// The loop SFT and the reward model share: batches keyed by (seed, step) so `--resume` replays
+/// exactly, the LR schedule, metrics and progress, evaluation every `--eval-every` steps and at
+/// the end, checkpoints every `--save-every` steps and where the run stops. A run with nothing
+/// left to train evaluates once and saves its checkpoint if it has none (`--steps 0` exports the
+/// initial model). Returns the last loss and the last evaluation.
+fn train_loop(a: &TrainArgs, e: &mut dyn Engine, tok: &Tokenizer, run: &mut Run, start: u64, mut st: Stage<'_>) -> Result<(f64, Option<f64>)> {
+    let mut last_loss = f64::NAN;
+    let mut metric = None;
+    run.bar.set_position(start);
+    let mut tokens = 0u64;
+    let t0 = Instant::now();
+    let end = a.stop_at.map_or(a.steps, |s| s.min(a.steps));
+    for step in start..end {
+        let (ids, loss) = (st.batch)(&batch_indices(a.seed, step, st.n, a.batch_size));
+        tokens += ids.numel() as u64;
+        let lr = lr_at(a.lr, step, a.steps);
+        e.set_lr(lr);
+        let stats = e.step(&ids.to_device(e.device()), &*loss)?;
+        last_loss = stats.loss;
+        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        run.log(json!({"stage": st.name, "step": step + 1, "loss": stats.loss, "grad_norm": stats.grad_norm, "skipped": stats.skipped, "lr": lr, "tokens_per_s": tps, "elapsed_s": run.started.elapsed().as_secs_f64()}))?;
+        run.bar.set_message(format!("loss {:.4} | {:.0} tok/s | {}", stats.loss, tps, tiers_line(e)));
+        run.bar.inc(1);
+        let done = step + 1 == a.steps;
+        if (a.eval_every > 0 && (step + 1) % a.eval_every == 0) || done {
+            let r = (st.measure)(e, done)?;
+            run.log(json!({"stage": st.name, "step": step + 1, st.key: r}))?;
+            run.bar.println(format!("step {}: {} {:.3}", step + 1, st.label, r));
+            metric = Some(r);
+        }
+        if (a.save_every > 0 && (step + 1) % a.save_every == 0) || step + 1 == end {
+            save_checkpoint(e, &a.out.join("checkpoint"), tok.kind(), a.seed)?;
+        }
+    }
+    if start >= end {
+        metric = Some((st.measure)(e, true)?);
+        if !CkptPaths::new(a.out.join("checkpoint")).model().exists() {
+            save_checkpoint(e, &a.out.join("checkpoint"), tok.kind(), a.seed)?;
+        }
+    }
+    run.bar.finish_and_clear();
+    Ok((last_loss, metric))
+}
+
+fn section(a: &TrainArgs, e: &dyn Engine, loss: f64, key: &str, metric: Option<f64>, run: &Run) -> Value {
+    json!({"final_loss": loss, key: metric.unwrap_or(0.0), "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(), "strategy": format!("{:?}", a.strategy).to_lowercase(), "model": e.spec().cfg.name, "params": e.spec().numel()})
+}
+
 /// `stowage sft`: returns the report section.
 pub fn run_sft(a: &TrainArgs) -> Result<Value> {
     let tok = Tokenizer::new(a.tokenizer)?;
@@ -558,55 +682,170 @@ pub fn run_sft(a: &TrainArgs) -> Result<Value> {
     }
     let ctx = e.spec().cfg.n_ctx;
     let encoded: Vec<(Vec<i64>, usize)> = train.iter().map(|x| encode_pair(&tok, &x.prompt, &x.completion, ctx)).collect();
-    let mut last_loss = f64::NAN;
-    let mut em = None;
-    run.bar.set_position(start);
-    let mut tokens = 0u64;
-    let t0 = Instant::now();
-    let end = a.stop_at.map_or(a.steps, |s| s.min(a.steps));
-    for step in start..end {
-        let idx = batch_indices(a.seed, step, encoded.len(), a.batch_size);
+    let dev = e.device();
+    let batch = |idx: &[usize]| -> Batch {
         let seqs: Vec<(Vec<i64>, usize)> = idx.iter().map(|&i| encoded[i].clone()).collect();
         let (ids, tg) = lm_batch(&seqs, tok.pad());
-        tokens += ids.numel() as u64;
-        let lr = lr_at(a.lr, step, a.steps);
-        e.set_lr(lr);
-        let dev = e.device();
-        let ids = ids.to_device(dev);
         let tg = tg.to_device(dev);
-        let st = e.step(&ids, &|out: &Tensor| lm_loss(out, &tg))?;
-        last_loss = st.loss;
-        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        run.log(json!({"stage": "sft", "step": step + 1, "loss": st.loss, "grad_norm": st.grad_norm, "skipped": st.skipped, "lr": lr, "tokens_per_s": tps, "elapsed_s": run.started.elapsed().as_secs_f64()}))?;
-        run.bar.set_message(format!("loss {:.4} | {:.0} tok/s | {}", st.loss, tps, tiers_line(e.as_ref())));
-        run.bar.inc(1);
-        let done = step + 1 == a.steps;
-        let stopping = step + 1 == end;
-        if (a.eval_every > 0 && (step + 1) % a.eval_every == 0) || done {
-            let (rate, samples) = eval_exact_match(e.as_mut(), &tok, &eval, task)?;
-            run.log(json!({"stage": "sft", "step": step + 1, "heldout_exact_match": rate}))?;
-            run.bar.println(format!("step {}: held-out exact match {:.3}", step + 1, rate));
-            em = Some(rate);
-            if done {
-                crate::data::save_jsonl(&a.out.join("sft_samples.jsonl"), &samples)?;
-            }
+        (ids, Box::new(move |out: &Tensor| lm_loss(out, &tg)))
+    };
+    let samples_path = a.out.join("sft_samples.jsonl");
+    let measure = |e: &mut dyn Engine, last: bool| -> Result<f64> {
+        let (rate, samples) = eval_exact_match(e, &tok, &eval, task)?;
+        if last {
+            crate::data::save_jsonl(&samples_path, &samples)?;
         }
-        if (a.save_every > 0 && (step + 1) % a.save_every == 0) || stopping {
-            save_checkpoint(e.as_mut(), &a.out.join("checkpoint"), tok.kind(), a.seed)?;
-        }
-    }
-    if start >= a.steps {
-        let (rate, _) = eval_exact_match(e.as_mut(), &tok, &eval, task)?;
-        em = Some(rate);
-    }
-    run.bar.finish_and_clear();
-    let section = json!({"final_loss": last_loss, "heldout_exact_match": em.unwrap_or(0.0), "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(), "strategy": format!("{:?}", a.strategy).to_lowercase(), "model": e.spec().cfg.name, "params": e.spec().numel()});
-    update_report(&a.out, "sft", section.clone(), memory_json(e.as_ref()))?;
+        Ok(rate)
+    };
+    let stage = Stage {
+        name: "sft",
+        n: encoded.len(),
+        batch: &batch,
+        key: "heldout_exact_match",
+        label: "held-out exact match",
+        measure: Box::new(measure),
+    };
+    let (loss, em) = train_loop(a, e.as_mut(), &tok, &mut run, start, stage)?;
+    let section = section(a, e.as_ref(), loss, "heldout_exact_match", em, &run);
+    let mut mem = memory_json(e.as_ref());
+    mem["transfer_hidden_share"] = json!(write_trace(a, &[("sft", e.as_ref())], &run)?);
+    update_report(&a.out, "sft", section.clone(), mem)?;
+    run.charts();
     Ok(section)
 }
 
-fn pref_data(a: &TrainArgs) -> Result<(Vec<PrefExample>, Vec<PrefExample>)> {
+/// Loads a checkpoint's weights into `e`; heads other than `e`'s are dropped (a critic starts
+/// from a reward model's body, a value head fresh).
+pub fn load_weights(e: &mut dyn Engine, dir: &Path, head_from: HeadKind) -> Result<()> {
+    let p = CkptPaths::new(dir);
+    let mut w = load_tensors(&p.model())?;
+    if head_from != e.spec().head {
+        w.retain(|k, _| !k.starts_with("v_head.") && !k.starts_with("score."));
+    }
+    if let Some(missing) = e.spec().params.iter().find(|s| !w.contains_key(&s.name) && !s.name.starts_with("v_head.") && !s.name.starts_with("score.")) {
+        return Err(HarnessError::Checkpoint {
+            path: p.model(),
+            msg: format!("lacks {}", missing.name),
+        });
+    }
+    e.import(&w)
+}
+
+/// Where a reward model's preference pairs come from on a built-in task.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PairArgs {
+    /// Sample the pairs from this policy checkpoint (e.g. the SFT model's) and rank them by the
+    /// task's gold reward, as InstructGPT's labellers ranked the SFT model's outputs: the reward
+    /// model learns the distinctions its policy's samples need. Default: synthetic pairs (the
+    /// answer against edits of it).
+    #[arg(long)]
+    pub pairs_from: Option<PathBuf>,
+    /// Responses sampled per prompt; every two of them with different gold rewards make a pair
+    /// (a synthetic pair where all tie).
+    #[arg(long, default_value_t = 4)]
+    pub pairs_samples: usize,
+    /// Prompts sampled for training pairs (at most --train-size).
+    #[arg(long, default_value_t = 4096)]
+    pub pairs_prompts: usize,
+    /// Sampling temperature and response length for the pairs (PPO's, in `stowage pipeline`).
+    #[arg(long, default_value_t = 1.0)]
+    pub pairs_temperature: f64,
+    #[arg(long, default_value_t = 48)]
+    pub pairs_max_new: usize,
+}
+
+impl Default for PairArgs {
+    fn default() -> Self {
+        PairArgs {
+            pairs_from: None,
+            pairs_samples: 4,
+            pairs_prompts: 4096,
+            pairs_temperature: 1.0,
+            pairs_max_new: 48,
+        }
+    }
+}
+
+/// Preference pairs from a policy's samples for `prompts`, ranked by `task`'s gold reward: at
+/// least one per prompt, in prompt order.
+#[allow(clippy::too_many_arguments)]
+pub fn policy_pairs(e: &mut dyn Engine, tok: &Tokenizer, task: Task, prompts: &[String], pa: &PairArgs, seed: u64, noise: f64, bar: &indicatif::ProgressBar) -> Result<Vec<PrefExample>> {
+    let k = pa.pairs_samples.max(2);
+    let mut rng = <ChaCha8Rng as SeedableRng>::seed_from_u64(seed ^ 0x0009_a1e5);
+    let sampler = Sampler::Sample {
+        temperature: pa.pairs_temperature,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let mut out = Vec::with_capacity(prompts.len());
+    for part in prompts.chunks(256) {
+        let ids: Vec<Vec<i64>> = part
+            .iter()
+            .flat_map(|p| {
+                let mut v = vec![tok.bos()];
+                v.extend(tok.encode(p));
+                std::iter::repeat_n(v, k)
+            })
+            .collect();
+        let gen = generate(e, &ids, pa.pairs_max_new, tok.eos(), tok.pad(), sampler, &mut rng)?;
+        for (i, prompt) in part.iter().enumerate() {
+            let mut scored: Vec<(f64, String)> = gen[i * k..(i + 1) * k]
+                .iter()
+                .map(|g| {
+                    let text = tok.decode(&g.tokens);
+                    (task.reward(prompt, &text, g.ended), text)
+                })
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+            scored.dedup_by(|a, b| a.1 == b.1);
+            // Every comparison the ranking implies (InstructGPT trains on all K-choose-2 pairs
+            // of a ranking), a synthetic pair where all samples tie.
+            let before = out.len();
+            for (x, hi) in scored.iter().enumerate() {
+                for lo in &scored[x + 1..] {
+                    if hi.0 > lo.0 {
+                        out.push(PrefExample {
+                            prompt: prompt.clone(),
+                            chosen: hi.1.clone(),
+                            rejected: lo.1.clone(),
+                        });
+                    }
+                }
+            }
+            if out.len() == before {
+                out.push(task.pair_for(prompt, &mut rng));
+            }
+            for p in &mut out[before..] {
+                if rng.gen_bool(noise.clamp(0.0, 1.0)) {
+                    std::mem::swap(&mut p.chosen, &mut p.rejected);
+                }
+            }
+        }
+        bar.set_message(format!("sampling preference pairs {}/{}", out.len(), prompts.len()));
+    }
+    Ok(out)
+}
+
+fn pref_data(a: &TrainArgs, pa: &PairArgs, bar: &indicatif::ProgressBar) -> Result<(Vec<PrefExample>, Vec<PrefExample>)> {
     match (&a.task, &a.data) {
+        (Some(t), None) if pa.pairs_from.is_some() => {
+            let dir = pa.pairs_from.as_deref().unwrap_or(Path::new(""));
+            let c = CkptPaths::new(dir).read_config()?;
+            if c.tokenizer != a.tokenizer {
+                return Err(HarnessError::Config(format!("--pairs-from {}: its tokenizer differs from --tokenizer", dir.display())));
+            }
+            let mut notes = Vec::new();
+            let mut policy = build_engine_with(a, ModelSpec::new(c.model.clone(), HeadKind::Lm), TrainOpts::frozen(a.compute_dtype()), &mut notes)?;
+            load_weights(policy.as_mut(), dir, c.head)?;
+            let train = t.prompts(pa.pairs_prompts.min(a.train_size), a.seed, false);
+            let eval = t.prompts(a.eval_size, a.seed, true);
+            let tok = Tokenizer::new(a.tokenizer)?;
+            Ok((
+                policy_pairs(policy.as_mut(), &tok, *t, &train, pa, a.seed, a.label_noise, bar)?,
+                policy_pairs(policy.as_mut(), &tok, *t, &eval, pa, a.seed ^ 1, 0.0, bar)?,
+            ))
+        }
+        (None, Some(_)) if pa.pairs_from.is_some() => Err(HarnessError::Config("--pairs-from needs --task (the gold reward ranks the samples); with --data the file holds the pairs".into())),
         (Some(t), None) => Ok((t.preferences(a.train_size, a.seed, false, a.label_noise), t.preferences(a.eval_size, a.seed, true, 0.0))),
         (None, Some(d)) => {
             let mut train: Vec<PrefExample> = load_jsonl(d)?;
@@ -643,9 +882,14 @@ pub fn eval_pairwise(e: &mut dyn Engine, tok: &Tokenizer, eval: &[PrefExample], 
 }
 
 /// `stowage rm`: returns the report section.
-pub fn run_rm(a: &TrainArgs, loss_kind: RmLoss) -> Result<Value> {
+pub fn run_rm(a: &TrainArgs, loss_kind: RmLoss, pairs: &PairArgs) -> Result<Value> {
     let tok = Tokenizer::new(a.tokenizer)?;
-    let (train, eval) = pref_data(a)?;
+    let (train, eval) = {
+        let spin = if a.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new_spinner() };
+        let r = pref_data(a, pairs, &spin)?;
+        spin.finish_and_clear();
+        r
+    };
     let cfg = model_config(a, &tok)?;
     let mut notes = Vec::new();
     let mut e = build_engine(a, cfg, HeadKind::Score, &mut notes)?;
@@ -655,44 +899,25 @@ pub fn run_rm(a: &TrainArgs, loss_kind: RmLoss) -> Result<Value> {
         run.bar.println(format!("note: {n}"));
     }
     let ctx = e.spec().cfg.n_ctx;
-    let mut last_loss = f64::NAN;
-    let mut acc = None;
-    run.bar.set_position(start);
-    let t0 = Instant::now();
-    let mut tokens = 0u64;
-    let end = a.stop_at.map_or(a.steps, |s| s.min(a.steps));
-    for step in start..end {
-        let idx = batch_indices(a.seed, step, train.len(), a.batch_size);
+    let batch = |idx: &[usize]| -> Batch {
         let pairs: Vec<&PrefExample> = idx.iter().map(|&i| &train[i]).collect();
         let (ids, last) = score_batch(&pair_seqs(&tok, &pairs, ctx), tok.pad());
-        tokens += ids.numel() as u64;
-        let lr = lr_at(a.lr, step, a.steps);
-        e.set_lr(lr);
-        let ids = ids.to_device(e.device());
-        let st = e.step(&ids, &|out: &Tensor| rm_loss(&gather_last(out, &last), loss_kind))?;
-        last_loss = st.loss;
-        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        run.log(json!({"stage": "rm", "step": step + 1, "loss": st.loss, "grad_norm": st.grad_norm, "skipped": st.skipped, "lr": lr, "tokens_per_s": tps, "elapsed_s": run.started.elapsed().as_secs_f64()}))?;
-        run.bar.set_message(format!("loss {:.4} | {:.0} tok/s | {}", st.loss, tps, tiers_line(e.as_ref())));
-        run.bar.inc(1);
-        let done = step + 1 == a.steps;
-        let stopping = step + 1 == end;
-        if (a.eval_every > 0 && (step + 1) % a.eval_every == 0) || done {
-            let r = eval_pairwise(e.as_mut(), &tok, &eval, a.batch_size)?;
-            run.log(json!({"stage": "rm", "step": step + 1, "heldout_accuracy": r}))?;
-            run.bar.println(format!("step {}: held-out pairwise accuracy {:.3}", step + 1, r));
-            acc = Some(r);
-        }
-        if (a.save_every > 0 && (step + 1) % a.save_every == 0) || stopping {
-            save_checkpoint(e.as_mut(), &a.out.join("checkpoint"), tok.kind(), a.seed)?;
-        }
-    }
-    if start >= a.steps {
-        acc = Some(eval_pairwise(e.as_mut(), &tok, &eval, a.batch_size)?);
-    }
-    run.bar.finish_and_clear();
-    let section = json!({"final_loss": last_loss, "heldout_accuracy": acc.unwrap_or(0.0), "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(), "strategy": format!("{:?}", a.strategy).to_lowercase(), "model": e.spec().cfg.name, "params": e.spec().numel()});
-    update_report(&a.out, "rm", section.clone(), memory_json(e.as_ref()))?;
+        (ids, Box::new(move |out: &Tensor| rm_loss(&gather_last(out, &last), loss_kind)))
+    };
+    let stage = Stage {
+        name: "rm",
+        n: train.len(),
+        batch: &batch,
+        key: "heldout_accuracy",
+        label: "held-out pairwise accuracy",
+        measure: Box::new(|e: &mut dyn Engine, _| eval_pairwise(e, &tok, &eval, a.batch_size)),
+    };
+    let (loss, acc) = train_loop(a, e.as_mut(), &tok, &mut run, start, stage)?;
+    let section = section(a, e.as_ref(), loss, "heldout_accuracy", acc, &run);
+    let mut mem = memory_json(e.as_ref());
+    mem["transfer_hidden_share"] = json!(write_trace(a, &[("rm", e.as_ref())], &run)?);
+    update_report(&a.out, "rm", section.clone(), mem)?;
+    run.charts();
     Ok(section)
 }
 
@@ -748,5 +973,38 @@ mod tests {
         assert_eq!(batch_indices(1, 5, 100, 8), batch_indices(1, 5, 100, 8));
         assert_ne!(batch_indices(1, 5, 100, 8), batch_indices(1, 6, 100, 8));
         assert_ne!(batch_indices(1, 5, 100, 8), batch_indices(2, 5, 100, 8));
+    }
+
+    #[test]
+    fn policy_pairs_rank_the_policy_s_samples_by_gold_reward() {
+        let tok = Tokenizer::new(TokenizerKind::Byte).unwrap();
+        let cfg = GptConfig::parse("2x32x4", tok.vocab(), 48).unwrap();
+        let mut e = Naive::new(ModelSpec::new(cfg, HeadKind::Lm), tch::Device::Cpu, TrainOpts::frozen(DType::F32), 3).unwrap();
+        let task = Task::Sort;
+        let prompts = task.prompts(12, 0, false);
+        let pa = PairArgs {
+            pairs_max_new: 6,
+            ..Default::default()
+        };
+        let bar = indicatif::ProgressBar::hidden();
+        let pairs = policy_pairs(&mut e, &tok, task, &prompts, &pa, 7, 0.0, &bar).unwrap();
+        assert!(pairs.len() >= prompts.len());
+        let mut sampled = 0;
+        for p in &pairs {
+            let x = &p.prompt;
+            assert!(prompts.contains(x));
+            let (c, r) = (task.reward(x, &p.chosen, true), task.reward(x, &p.rejected, true));
+            assert!(c > r, "{p:?}: {c} <= {r}");
+            // An untrained policy's samples are not the answer: pairs of them are sampled ones.
+            if p.chosen != task.answer(x).unwrap() {
+                sampled += 1;
+            }
+        }
+        assert!(sampled > 0, "every pair fell back to a synthetic one");
+        assert!(prompts.iter().all(|x| pairs.iter().any(|p| &p.prompt == x)), "a prompt without a pair");
+        let again = policy_pairs(&mut e, &tok, task, &prompts, &pa, 7, 0.0, &bar).unwrap();
+        assert_eq!(again.iter().map(|p| &p.chosen).collect::<Vec<_>>(), pairs.iter().map(|p| &p.chosen).collect::<Vec<_>>());
+        let flipped = policy_pairs(&mut e, &tok, task, &prompts, &pa, 7, 1.0, &bar).unwrap();
+        assert!(flipped.iter().all(|p| task.reward(&p.prompt, &p.chosen, true) < task.reward(&p.prompt, &p.rejected, true)));
     }
 }

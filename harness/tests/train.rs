@@ -112,6 +112,26 @@ fn resuming_gives_the_same_model_as_training_straight() {
     }
 }
 
+/// `--trace`: a Chrome trace with the model's process, a compute track and link tracks, and the
+/// hidden share in the report.
+#[test]
+fn trace_records_compute_and_transfers() {
+    let d = scratch();
+    let trace = d.path().join("t.json");
+    let r = run(
+        &["rm", "--task", "sort", "--model", "2x32x4", "--steps", "6", "--batch-size", "4", "--eval-size", "4", "--eval-every", "0", "--device-budget", "256K", "--trace", trace.to_str().unwrap()],
+        &d.path().join("run"),
+    );
+    let share = r["memory"]["transfer_hidden_share"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&share), "{r}");
+    let t: Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let ev = t["traceEvents"].as_array().unwrap();
+    let names: Vec<&str> = ev.iter().filter(|e| e["ph"] == "M").filter_map(|e| e["args"]["name"].as_str()).collect();
+    assert!(names.contains(&"rm") && names.contains(&"compute") && names.iter().any(|n| n.contains("->")), "{names:?}");
+    let spans = ev.iter().filter(|e| e["ph"] == "X").count();
+    assert!(spans > 20 && ev.iter().filter(|e| e["ph"] == "X").all(|e| e["dur"].as_f64().unwrap() >= 0.0), "{spans} spans");
+}
+
 #[test]
 fn bad_inputs_get_clear_errors() {
     let d = tempfile::tempdir().unwrap();
@@ -134,7 +154,7 @@ fn bad_inputs_get_clear_errors() {
 fn pipeline_runs_end_to_end_and_reports() {
     let d = tempfile::tempdir().unwrap();
     let r = run(
-        &["pipeline", "--task", "sort", "--model", "2x32x4", "--sft-steps", "20", "--rm-steps", "20", "--ppo-steps", "3", "--batch-size", "8", "--eval-size", "8", "--max-new", "8"],
+        &["pipeline", "--task", "sort", "--model", "2x32x4", "--sft-steps", "20", "--rm-steps", "20", "--ppo-steps", "3", "--batch-size", "8", "--eval-size", "8", "--max-new", "8", "--ptx-coef", "0.5", "--pairs-prompts", "64"],
         d.path(),
     );
     for k in ["final_loss", "heldout_exact_match"] {
@@ -148,9 +168,21 @@ fn pipeline_runs_end_to_end_and_reports() {
         assert!(r["memory"][k].as_u64().unwrap() > 0, "memory.{k}: {r}");
     }
     let metrics = std::fs::read_to_string(d.path().join("ppo/metrics.jsonl")).unwrap();
-    let last: Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
-    for k in ["reward_mean", "reward_std", "kl", "entropy", "approx_kl", "clipfrac", "policy_loss", "value_loss", "explained_variance", "response_length", "eos_rate", "generation_s", "training_s", "tokens_per_s"] {
+    // The last iteration's line (held-out gold rewards are logged on lines of their own).
+    let last: Value = serde_json::from_str(metrics.lines().filter(|l| l.contains("\"reward_mean\"")).last().unwrap()).unwrap();
+    let held: Vec<Value> = metrics.lines().filter(|l| l.contains("gold_reward_heldout")).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(held.iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 3], "held-out gold before and after");
+    for k in ["reward_mean", "reward_std", "kl", "entropy", "approx_kl", "clipfrac", "policy_loss", "value_loss", "explained_variance", "response_length", "eos_rate", "generation_s", "training_s", "tokens_per_s", "ptx_loss"] {
         assert!(last[k].is_number(), "{k} missing from {last}");
+    }
+    // All stages' metrics in one file, and the charts.
+    let all = std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap();
+    for stage in ["sft", "rm", "ppo"] {
+        assert!(all.contains(&format!("\"stage\":\"{stage}\"")), "no {stage} lines in metrics.jsonl");
+    }
+    for png in ["loss.png", "reward.png", "kl.png"] {
+        let b = std::fs::read(d.path().join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert!(b.starts_with(b"\x89PNG") && b.len() > 5000, "{png}: {} bytes", b.len());
     }
     let samples = std::fs::read_to_string(d.path().join("samples.jsonl")).unwrap();
     let s: Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();

@@ -679,6 +679,10 @@ impl Engine for Chunked {
         self.step
     }
 
+    fn trace(&self) -> Option<(serde_json::Value, stowage_memory::manager::trace::Overlap)> {
+        Some((self.mgr.chrome_trace()?, self.mgr.trace_overlap()?))
+    }
+
     fn set_lr(&mut self, lr: f32) {
         self.opts.adam.lr = lr;
         self.adam.cfg.lr = lr;

@@ -128,6 +128,11 @@ pub trait Engine {
     fn notes(&self) -> Vec<String> {
         Vec::new()
     }
+    /// The recorded timeline (Chrome trace JSON) and its transfer/compute overlap, when the
+    /// engine records one.
+    fn trace(&self) -> Option<(serde_json::Value, stowage_memory::manager::trace::Overlap)> {
+        None
+    }
 }
 
 /// The step's gradient multiplier, or None to skip (non-finite gradients). `sq` is the summed

@@ -78,6 +78,75 @@ pub fn explained_variance(values: &Tensor, returns: &Tensor, mask: &Tensor) -> f
     })
 }
 
+/// Running mean and variance of every reward-model score seen (Chan et al.'s merge of batch
+/// moments). A reward model's pairwise loss fixes differences only: its offset and scale are
+/// arbitrary, and a score far from zero is clipped flat. Normalising by the running moments
+/// (OpenRLHF's `normalize_reward`) puts the scores where clipping and the KL coefficient mean
+/// the same thing for every reward model.
+#[derive(Debug, Clone, Default)]
+pub struct RunningMoments {
+    pub count: f64,
+    pub mean: f64,
+    m2: f64,
+}
+
+impl RunningMoments {
+    pub fn update(&mut self, xs: &[f64]) {
+        if xs.is_empty() {
+            return;
+        }
+        let n = xs.len() as f64;
+        let m = xs.iter().sum::<f64>() / n;
+        let m2: f64 = xs.iter().map(|x| (x - m) * (x - m)).sum();
+        let total = self.count + n;
+        let d = m - self.mean;
+        self.mean += d * n / total;
+        self.m2 += m2 + d * d * self.count * n / total;
+        self.count = total;
+    }
+
+    /// Population standard deviation.
+    pub fn std(&self) -> f64 {
+        if self.count > 0.0 {
+            (self.m2 / self.count).sqrt()
+        } else {
+            0.0
+        }
+    }
+
+    /// `(x - mean) / std`; the shift alone while the spread is zero.
+    pub fn normalize(&self, x: f64) -> f64 {
+        let s = self.std();
+        if s > 1e-8 {
+            (x - self.mean) / s
+        } else {
+            x - self.mean
+        }
+    }
+}
+
+/// Pearson correlation of two samples; 0 when either is constant. Between the reward model's
+/// scores and the gold rewards of one batch it measures how far the policy can trust its reward:
+/// a falling value while the score rises is reward hacking.
+pub fn correlation(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    if n < 2 {
+        return 0.0;
+    }
+    let (ma, mb) = (a[..n].iter().sum::<f64>() / n as f64, b[..n].iter().sum::<f64>() / n as f64);
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for i in 0..n {
+        let (x, y) = (a[i] - ma, b[i] - mb);
+        sab += x * y;
+        saa += x * x;
+        sbb += y * y;
+    }
+    if saa <= 0.0 || sbb <= 0.0 {
+        return 0.0;
+    }
+    sab / (saa * sbb).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +199,32 @@ mod tests {
         let m = Tensor::from_slice(&[1.0f32, 1.0, 1.0, 0.0]).reshape([1, 4]);
         assert!((explained_variance(&r, &r, &m) - 1.0).abs() < 1e-9);
         assert!(explained_variance(&(&r * 0.0), &r, &m).abs() < 1e-9);
+    }
+
+    #[test]
+    fn correlation_by_hand() {
+        assert!((correlation(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.5]) - 0.997_948_7).abs() < 1e-6);
+        assert!((correlation(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        assert_eq!(correlation(&[1.0, 1.0], &[0.0, 5.0]), 0.0);
+        assert_eq!(correlation(&[1.0], &[2.0]), 0.0);
+    }
+
+    #[test]
+    fn running_moments_match_two_passes_over_all_batches() {
+        let batches = [vec![1.0, 2.0, 4.0], vec![-3.0], vec![10.0, 0.5, 0.25, 7.0]];
+        let mut r = RunningMoments::default();
+        let mut all = Vec::new();
+        for b in &batches {
+            r.update(b);
+            all.extend_from_slice(b);
+            let n = all.len() as f64;
+            let m = all.iter().sum::<f64>() / n;
+            let v = all.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n;
+            assert!((r.mean - m).abs() < 1e-12 && (r.std() - v.sqrt()).abs() < 1e-12);
+        }
+        assert!((r.normalize(r.mean + 2.0 * r.std()) - 2.0).abs() < 1e-12);
+        let mut flat = RunningMoments::default();
+        flat.update(&[3.0, 3.0]);
+        assert_eq!(flat.normalize(4.0), 1.0);
     }
 }

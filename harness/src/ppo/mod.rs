@@ -13,15 +13,15 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
-use crate::ckpt::{load_tensors, CkptPaths};
-use crate::data::{load_jsonl, PromptExample};
+use crate::ckpt::CkptPaths;
+use crate::data::{load_jsonl, PromptExample, SftExample};
 use crate::engine::{Engine, ModelSpec, TrainOpts};
 use crate::error::{HarnessError, Result};
 use crate::generate::{filter_logits, generate, Sampler};
 use crate::model::HeadKind;
 use crate::tasks::Task;
 use crate::tokenizer::Tokenizer;
-use crate::train::{batch_indices, build_engine, gather_last, lr_at, memory_json, update_report, Run, TrainArgs};
+use crate::train::{batch_indices, build_engine, encode_pair, gather_last, lm_batch, lr_at, memory_json, update_report, Run, TrainArgs};
 use algo::{gae, whiten, KlController};
 
 /// PPO options on top of the shared training options (`--steps` counts PPO iterations).
@@ -68,15 +68,31 @@ pub struct PpoArgs {
     pub gamma: f64,
     #[arg(long, default_value_t = 0.95)]
     pub lam: f64,
-    /// Reward-model scores are clipped to +-this.
+    /// Reward-model scores are clipped to +-this (after normalisation).
     #[arg(long, default_value_t = 5.0)]
     pub reward_clip: f64,
+    /// Subtracted from the (normalised) score of a response that hit the length limit without
+    /// EOS (TRL's `missing_eos_penalty`; 0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub missing_eos_penalty: f64,
+    /// Normalise reward-model scores by the running mean and std of all scores seen (`false`:
+    /// raw scores).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub reward_norm: bool,
     /// Critic learning rate (the actor uses --lr).
     #[arg(long, default_value_t = 5e-4)]
     pub critic_lr: f32,
     /// Samples per held-out prompt when measuring the gold reward.
     #[arg(long, default_value_t = 2)]
     pub eval_samples: usize,
+    /// Pretraining mix (InstructGPT's PPO-ptx): adds this times the language-model loss on
+    /// demonstrations to the policy loss, one demonstration minibatch per PPO minibatch (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub ptx_coef: f64,
+    /// Demonstrations for the ptx loss, `{"prompt","completion"}` JSON Lines (default with a
+    /// task: the task's SFT set; in `stowage pipeline`: --sft-data).
+    #[arg(long)]
+    pub ptx_data: Option<PathBuf>,
 }
 
 /// One batch of experience.
@@ -112,21 +128,6 @@ pub struct Models {
     pub reward: Box<dyn Engine>,
 }
 
-fn load_into(e: &mut dyn Engine, dir: &std::path::Path, head_from: HeadKind) -> Result<()> {
-    let p = CkptPaths::new(dir);
-    let mut w = load_tensors(&p.model())?;
-    if head_from != e.spec().head {
-        w.retain(|k, _| !k.starts_with("v_head.") && !k.starts_with("score."));
-    }
-    if let Some(missing) = e.spec().params.iter().find(|s| !w.contains_key(&s.name) && !s.name.starts_with("v_head.") && !s.name.starts_with("score.")) {
-        return Err(HarnessError::Checkpoint {
-            path: p.model(),
-            msg: format!("lacks {}", missing.name),
-        });
-    }
-    e.import(&w)
-}
-
 /// Builds and loads the four models. Each chunked model gets its share of the budgets (the
 /// trainable ones twice the frozen ones').
 pub fn build_models(a: &TrainArgs, p: &PpoArgs, notes: &mut Vec<String>) -> Result<(Models, Tokenizer)> {
@@ -151,18 +152,18 @@ pub fn build_models(a: &TrainArgs, p: &PpoArgs, notes: &mut Vec<String>) -> Resu
     };
     let (ta, tf) = (1.0 / 3.0, 1.0 / 6.0);
     let mut actor = build_engine(&args(ta), actor_cfg.model.clone(), HeadKind::Lm, notes)?;
-    load_into(actor.as_mut(), &actor_dir, actor_cfg.head)?;
+    crate::train::load_weights(actor.as_mut(), &actor_dir, actor_cfg.head)?;
     let mut ca = args(ta);
     ca.lr = p.critic_lr;
     let mut critic = build_engine(&ca, critic_cfg.model.clone(), HeadKind::Value, notes)?;
-    load_into(critic.as_mut(), &rm_dir, critic_cfg.head)?;
+    crate::train::load_weights(critic.as_mut(), &rm_dir, critic_cfg.head)?;
     let frozen = |x: TrainArgs, cfg: crate::model::GptConfig, head: HeadKind, notes: &mut Vec<String>| -> Result<Box<dyn Engine>> {
         crate::train::build_engine_with(&x, ModelSpec::new(cfg, head), TrainOpts::frozen(x.compute_dtype()), notes)
     };
     let mut reference = frozen(args(tf), actor_cfg.model.clone(), HeadKind::Lm, notes)?;
-    load_into(reference.as_mut(), &actor_dir, actor_cfg.head)?;
+    crate::train::load_weights(reference.as_mut(), &actor_dir, actor_cfg.head)?;
     let mut reward = frozen(args(tf), rm_cfg.model.clone(), HeadKind::Score, notes)?;
-    load_into(reward.as_mut(), &rm_path, rm_cfg.head)?;
+    crate::train::load_weights(reward.as_mut(), &rm_path, rm_cfg.head)?;
     Ok((Models { actor, critic, reference, reward }, tok))
 }
 
@@ -175,8 +176,22 @@ fn pad_rows(rows: &[Vec<i64>], pad: i64) -> Tensor {
     Tensor::from_slice(&ids).reshape([rows.len() as i64, t as i64])
 }
 
+/// The reward model's input for `seq` (`[BOS] prompt response`): as is when the response ended
+/// with EOS, else with EOS appended (in place of the last token when the context is full).
+pub fn reward_input(seq: &[i64], ended: bool, eos: i64, n_ctx: usize) -> Vec<i64> {
+    let mut s = seq.to_vec();
+    if !ended {
+        if s.len() < n_ctx {
+            s.push(eos);
+        } else if let Some(l) = s.last_mut() {
+            *l = eos;
+        }
+    }
+    s
+}
+
 /// Collects one batch of experience for `prompts`.
-pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String], beta: f64, rng: &mut impl rand::Rng) -> Result<Experience> {
+pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String], beta: f64, norm: &mut algo::RunningMoments, rng: &mut impl rand::Rng) -> Result<Experience> {
     let device = m.actor.device();
     let pids: Vec<Vec<i64>> = prompts
         .iter()
@@ -205,10 +220,18 @@ pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String],
     let old_logp = token_logp(&m.actor.forward(&ids)?, &ids, p.temperature) * &mask;
     let ref_logp = token_logp(&m.reference.forward(&ids)?, &ids, p.temperature) * &mask;
     let values = m.critic.forward(&ids)?.narrow(1, 0, (t - 1) as i64) * &mask;
-    // The reward model reads each sequence at its last response token.
-    let last: Vec<i64> = seqs.iter().map(|s| s.len() as i64 - 1).collect();
-    let scores = gather_last(&m.reward.forward(&ids)?, &Tensor::from_slice(&last));
+    // The reward model reads each sequence at its last token. It learnt from answers ending in
+    // EOS, so a response cut off by the length limit is scored as an answer ending there (EOS
+    // appended, or in place of the last token at the context limit, as OpenRLHF does), never at
+    // a position it was not trained to score: PPO finds such blind spots and pumps them.
+    let rm_seqs: Vec<Vec<i64>> = seqs.iter().zip(&resp).map(|(s, (_, ended))| reward_input(s, *ended, tok.eos(), m.reward.spec().cfg.n_ctx)).collect();
+    let last: Vec<i64> = rm_seqs.iter().map(|s| s.len() as i64 - 1).collect();
+    let rm_ids = pad_rows(&rm_seqs, tok.pad()).to_device(device);
+    let scores = gather_last(&m.reward.forward(&rm_ids)?, &Tensor::from_slice(&last));
     let scores: Vec<f64> = Vec::<f64>::try_from(&scores.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+    if p.reward_norm {
+        norm.update(&scores);
+    }
     let lp: Vec<f32> = Vec::<f32>::try_from(&old_logp.to_device(tch::Device::Cpu).reshape([-1]))?;
     let rl: Vec<f32> = Vec::<f32>::try_from(&ref_logp.to_device(tch::Device::Cpu).reshape([-1]))?;
     let vals: Vec<f32> = Vec::<f32>::try_from(&values.to_device(tch::Device::Cpu).reshape([-1]))?;
@@ -223,7 +246,9 @@ pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String],
         let mut rewards: Vec<f64> = lpr.iter().zip(&rlr).map(|(a, b)| -beta * (a - b)).collect();
         kl.push(lpr.iter().zip(&rlr).map(|(a, b)| a - b).sum());
         if let Some(x) = rewards.last_mut() {
-            *x += scores[r].clamp(-p.reward_clip, p.reward_clip);
+            let s = if p.reward_norm { norm.normalize(scores[r]) } else { scores[r] };
+            let s = if resp[r].1 { s } else { s - p.missing_eos_penalty };
+            *x += s.clamp(-p.reward_clip, p.reward_clip);
         }
         let (a, rt) = gae(&rewards, &vr, p.gamma, p.lam);
         for k in 0..n {
@@ -260,14 +285,33 @@ struct MbStats {
     clipfrac: f64,
     entropy: f64,
     ratio_mean: f64,
+    ptx_loss: f64,
+}
+
+/// A demonstration minibatch for the ptx loss: `[N, T]` inputs and targets (-100 where no loss).
+pub struct PtxBatch {
+    pub ids: Tensor,
+    pub targets: Tensor,
+}
+
+/// Right-pads `[N, T]` to `[N, t]` with `value`.
+fn pad_to(x: &Tensor, t: i64, value: i64) -> Tensor {
+    let have = x.size()[1];
+    if have == t {
+        return x.shallow_clone();
+    }
+    let n = x.size()[0];
+    Tensor::cat(&[x.shallow_clone(), Tensor::full([n, t - have], value, (x.kind(), x.device()))], 1)
 }
 
 fn masked_mean(x: &Tensor, m: &Tensor) -> Tensor {
     (x * m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0)
 }
 
-/// PPO losses on one minibatch of rows; returns statistics.
-fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs) -> Result<MbStats> {
+/// PPO losses on one minibatch of rows (and the ptx loss on `ptx`, whose rows join the actor's
+/// batch: causal attention keeps rows independent, right padding leaves earlier positions
+/// alone); returns statistics.
+fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs, ptx: Option<&PtxBatch>) -> Result<MbStats> {
     let ids = x.ids.index_select(0, rows);
     let mask = x.mask.index_select(0, rows);
     let old_lp = x.old_logp.index_select(0, rows);
@@ -277,7 +321,17 @@ fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs) 
     let stats = RefCell::new(MbStats::default());
     let eps = p.clip_eps;
     let temp = p.temperature;
-    m.actor.step(&ids, &|logits: &Tensor| {
+    let (b, t_ppo) = (ids.size()[0], ids.size()[1]);
+    let actor_ids = match ptx {
+        Some(d) => {
+            let t = t_ppo.max(d.ids.size()[1]);
+            Tensor::cat(&[pad_to(&ids, t, 0), pad_to(&d.ids.to_device(ids.device()), t, 0)], 0)
+        }
+        None => ids.shallow_clone(),
+    };
+    let ptx_coef = p.ptx_coef;
+    m.actor.step(&actor_ids, &|all: &Tensor| {
+        let logits = &all.narrow(0, 0, b).narrow(1, 0, t_ppo);
         let lp = token_logp(logits, &ids, temp);
         let ratio = (&lp - &old_lp).exp();
         let pg1 = -&adv * &ratio;
@@ -295,7 +349,15 @@ fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs) 
             s.entropy = masked_mean(&ent, &mask).double_value(&[]);
             s.policy_loss = loss.double_value(&[]);
         });
-        loss
+        match ptx {
+            Some(d) => {
+                let (n, t) = (d.ids.size()[0], d.ids.size()[1]);
+                let lm = crate::train::lm_loss(&all.narrow(0, b, n).narrow(1, 0, t), &d.targets.to_device(all.device()));
+                stats.borrow_mut().ptx_loss = tch::no_grad(|| lm.double_value(&[]));
+                loss + lm * ptx_coef
+            }
+            None => loss,
+        }
     })?;
     let vc = p.value_clip;
     m.critic.step(&ids, &|values: &Tensor| {
@@ -369,6 +431,13 @@ pub struct PipelineArgs {
     /// Preference data for user runs: `{"prompt","chosen","rejected"}`.
     #[arg(long)]
     pub rm_data: Option<PathBuf>,
+    /// Built-in tasks: train the reward model on synthetic pairs (the answer against edits of
+    /// it) instead of pairs sampled from the SFT model and ranked by the gold reward.
+    #[arg(long)]
+    pub synthetic_pairs: bool,
+    /// Built-in tasks: prompts whose SFT samples make the reward model's training pairs.
+    #[arg(long, default_value_t = 4096)]
+    pub pairs_prompts: usize,
 }
 
 /// `stowage pipeline`: SFT, then the reward model, then PPO, each in `OUT/<stage>`, the report
@@ -381,6 +450,10 @@ pub fn run_pipeline(a: &TrainArgs, l: &PipelineArgs, p: &PpoArgs) -> Result<Valu
         let mut x = a.clone();
         x.out = a.out.join(name);
         x.steps = steps;
+        x.trace = a.trace.as_ref().map(|t| {
+            let stem = t.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "trace".into());
+            t.with_file_name(format!("{stem}-{name}.json"))
+        });
         if a.task.is_none() {
             x.data = data;
             x.eval_data = None;
@@ -393,13 +466,25 @@ pub fn run_pipeline(a: &TrainArgs, l: &PipelineArgs, p: &PpoArgs) -> Result<Valu
     let mut rm = stage("rm", l.rm_steps, l.rm_data.clone());
     rm.eval_every = 0;
     rm.corrupt = 0.0;
-    let r = crate::train::run_rm(&rm, crate::train::RmLoss::LogSig)?;
+    // The reward model learns from the SFT model's own samples ranked by the gold reward (the
+    // distribution PPO starts from, sampled as PPO samples), unless told otherwise.
+    let pairs = crate::train::PairArgs {
+        pairs_from: (a.task.is_some() && !l.synthetic_pairs).then(|| sft.out.join("checkpoint")),
+        pairs_prompts: l.pairs_prompts,
+        pairs_temperature: p.temperature,
+        pairs_max_new: p.max_new,
+        ..Default::default()
+    };
+    let r = crate::train::run_rm(&rm, crate::train::RmLoss::LogSig, &pairs)?;
     let mut ppo = stage("ppo", l.ppo_steps, a.data.clone());
     ppo.lr = l.ppo_lr;
     ppo.eval_every = 0;
     let mut pp = p.clone();
     pp.actor = Some(sft.out.join("checkpoint"));
     pp.reward_model = Some(rm.out.join("checkpoint"));
+    if pp.ptx_data.is_none() && a.task.is_none() {
+        pp.ptx_data = l.sft_data.clone();
+    }
     let o = run_ppo(&ppo, &pp)?;
     let mem: Value = std::fs::read_to_string(ppo.out.join("report.json"))
         .ok()
@@ -410,7 +495,34 @@ pub fn run_pipeline(a: &TrainArgs, l: &PipelineArgs, p: &PpoArgs) -> Result<Valu
         update_report(&a.out, k, v.clone(), mem.clone())?;
     }
     std::fs::copy(ppo.out.join("samples.jsonl"), a.out.join("samples.jsonl")).map_err(|e| HarnessError::io("copying samples to", a.out.join("samples.jsonl"), e))?;
+    // The stages' metrics in one file (each line names its stage), and charts of all three.
+    let mut all = Vec::new();
+    for d in [&sft.out, &rm.out, &ppo.out] {
+        let f = d.join("metrics.jsonl");
+        all.extend(std::fs::read(&f).map_err(|e| HarnessError::io("reading", &f, e))?);
+    }
+    crate::ckpt::write_atomic(&a.out.join("metrics.jsonl"), &all)?;
+    crate::train::draw_charts(&a.out);
     Ok(json!({"sft": s, "rm": r, "ppo": o}))
+}
+
+/// The encoded demonstrations of the ptx loss; empty when it is off.
+fn ptx_demonstrations(a: &TrainArgs, p: &PpoArgs, tok: &Tokenizer, ctx: usize) -> Result<Vec<(Vec<i64>, usize)>> {
+    if p.ptx_coef == 0.0 {
+        return Ok(Vec::new());
+    }
+    if !p.ptx_coef.is_finite() || p.ptx_coef < 0.0 {
+        return Err(HarnessError::Config(format!("--ptx-coef {} must be a finite number >= 0", p.ptx_coef)));
+    }
+    let demos: Vec<SftExample> = match (&p.ptx_data, a.task) {
+        (Some(f), _) => load_jsonl(f)?,
+        (None, Some(t)) => t.sft(a.train_size, a.seed, false, a.corrupt),
+        (None, None) => return Err(HarnessError::Config("--ptx-coef needs demonstrations: give --ptx-data FILE ({\"prompt\",\"completion\"} JSON Lines)".into())),
+    };
+    if demos.is_empty() {
+        return Err(HarnessError::Config("--ptx-coef: the demonstration set is empty".into()));
+    }
+    Ok(demos.iter().map(|x| encode_pair(tok, &x.prompt, &x.completion, ctx)).collect())
 }
 
 /// `stowage ppo`: returns the report section.
@@ -429,6 +541,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         }
         _ => return Err(HarnessError::Config("give exactly one of --task NAME and --data PROMPTS.jsonl".into())),
     };
+    let ptx_set = ptx_demonstrations(a, p, &tok, m.actor.spec().cfg.n_ctx)?;
     let mut run = Run::open(&a.out, a.steps, a.quiet, "ppo")?;
     for n in &notes {
         run.bar.println(format!("note: {n}"));
@@ -437,7 +550,11 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         Some(t) => Some(gold_eval(&mut m, &tok, p, t, &eval_prompts, a.seed)?.0),
         None => None,
     };
+    if let Some(g) = gold_before {
+        run.log(json!({"stage": "ppo", "step": 0, "gold_reward_heldout": g}))?;
+    }
     let mut kl_ctl = KlController::new(p.kl_coef, p.kl_target, p.kl_horizon);
+    let mut norm = algo::RunningMoments::default();
     let mut last_kl = 0.0;
     let mut rng_rows = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed ^ 0x9907);
     for it in 0..a.steps {
@@ -447,7 +564,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         let beta = kl_ctl.beta;
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed ^ 0x5a3b1e);
         rng.set_stream(it);
-        let x = collect(&mut m, &tok, p, &prompts, beta, &mut rng)?;
+        let x = collect(&mut m, &tok, p, &prompts, beta, &mut norm, &mut rng)?;
         let gen_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let lr = lr_at(a.lr, it, a.steps);
@@ -459,7 +576,15 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
             let perm = algo::permutation(b as usize, &mut rng_rows);
             for part in perm.chunks((b as usize).div_ceil(p.minibatches.max(1))) {
                 let rows = Tensor::from_slice(&part.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(x.ids.device());
-                agg.push(update_minibatch(&mut m, &x, &rows, p)?);
+                // One demonstration minibatch of the same size per PPO minibatch, keyed by
+                // (seed, update) so a rerun draws the same ones.
+                let ptx = (!ptx_set.is_empty()).then(|| {
+                    let idx = batch_indices(a.seed ^ 0x0070_7478, (it << 16) + agg.len() as u64, ptx_set.len(), part.len());
+                    let seqs: Vec<(Vec<i64>, usize)> = idx.iter().map(|&i| ptx_set[i].clone()).collect();
+                    let (ids, targets) = lm_batch(&seqs, tok.pad());
+                    PtxBatch { ids, targets }
+                });
+                agg.push(update_minibatch(&mut m, &x, &rows, p, ptx.as_ref())?);
             }
         }
         let train_s = t1.elapsed().as_secs_f64();
@@ -489,6 +614,10 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         });
         if !gold.is_empty() {
             line["gold_reward_train"] = json!(mean(&gold));
+            line["rm_gold_correlation"] = json!(algo::correlation(&x.scores, &gold));
+        }
+        if !ptx_set.is_empty() {
+            line["ptx_loss"] = json!(avg(|s| s.ptx_loss));
         }
         run.log(line)?;
         run.bar.set_message(format!("reward {:.3} | kl {:.3} | gold {:.3}", mean(&x.scores), kl_mean, mean(&gold)));
@@ -507,6 +636,9 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         }
         None => (None, Vec::new()),
     };
+    if let Some(g) = gold_after {
+        run.log(json!({"stage": "ppo", "step": a.steps, "gold_reward_heldout": g}))?;
+    }
     crate::data::save_jsonl(&a.out.join("samples.jsonl"), &samples)?;
     crate::train::save_checkpoint(m.actor.as_mut(), &a.out.join("actor"), tok.kind(), a.seed)?;
     run.bar.finish_and_clear();
@@ -526,7 +658,10 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     }
     mem["bytes_moved"] = json!(moved);
     mem["device_peak_bytes"] = json!(dev_peak);
+    let engines: [(&str, &dyn Engine); 4] = [("actor", m.actor.as_ref()), ("critic", m.critic.as_ref()), ("reference", m.reference.as_ref()), ("reward", m.reward.as_ref())];
+    mem["transfer_hidden_share"] = json!(crate::train::write_trace(a, &engines, &run)?);
     update_report(&a.out, "ppo", section.clone(), mem)?;
+    run.charts();
     Ok(section)
 }
 
@@ -536,6 +671,7 @@ mod tests {
     use crate::engine::Naive;
     use crate::model::GptConfig;
     use crate::tokenizer::TokenizerKind;
+    use crate::train::{encode_pair, lm_batch};
 
     fn models(seed: u64) -> (Models, Tokenizer) {
         let tok = Tokenizer::new(TokenizerKind::Byte).unwrap();
@@ -572,8 +708,12 @@ mod tests {
             gamma: 1.0,
             lam: 0.95,
             reward_clip: 5.0,
+            reward_norm: false,
+            missing_eos_penalty: 0.0,
             critic_lr: 1e-3,
             eval_samples: 1,
+            ptx_coef: 0.0,
+            ptx_data: None,
         }
     }
 
@@ -589,10 +729,10 @@ mod tests {
     fn identical_policy_and_reference_give_zero_kl_and_unit_ratio() {
         let (mut m, tok) = models(1);
         let p = args();
-        let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut rng(0)).unwrap();
+        let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(0)).unwrap();
         assert!(x.kl.iter().all(|&k| k == 0.0), "KL {:?}", x.kl);
         let rows = Tensor::from_slice(&[0i64, 1]);
-        let s = update_minibatch(&mut m, &x, &rows, &p).unwrap();
+        let s = update_minibatch(&mut m, &x, &rows, &p, None).unwrap();
         assert_eq!(s.ratio_mean, 1.0);
         assert_eq!(s.approx_kl, 0.0);
         assert_eq!(s.clipfrac, 0.0);
@@ -602,14 +742,18 @@ mod tests {
     fn the_score_is_read_at_each_sequence_s_last_token() {
         let (mut m, tok) = models(2);
         let p = args();
-        let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut rng(1)).unwrap();
+        let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(1)).unwrap();
         for r in 0..prompts().len() {
             // The unpadded sequence alone: its last position's score.
             let len = (x.ids.size()[1] - 1) as usize;
             let resp = x.lens[r];
             let plen = 1 + tok.encode(&prompts()[r]).len();
-            let seq = x.ids.get(r as i64).narrow(0, 0, (plen + resp) as i64).unsqueeze(0);
-            let alone = m.reward.forward(&seq).unwrap().get(0).get((plen + resp - 1) as i64).double_value(&[]);
+            let seq: Vec<i64> = Vec::<i64>::try_from(&x.ids.get(r as i64).narrow(0, 0, (plen + resp) as i64)).unwrap();
+            // A response cut off by the length limit is scored with EOS appended.
+            let seq = reward_input(&seq, x.ended[r], tok.eos(), 48);
+            assert_eq!(seq.len(), plen + resp + !x.ended[r] as usize);
+            assert_eq!(seq.last(), Some(&tok.eos()), "scored at EOS");
+            let alone = m.reward.forward(&Tensor::from_slice(&seq).unsqueeze(0)).unwrap().get(0).get(seq.len() as i64 - 1).double_value(&[]);
             assert!((alone - x.scores[r]).abs() < 1e-5, "row {r}: {alone} vs {} (T {len})", x.scores[r]);
             // Rewards and values after the response are zero: the mask ends with it.
             let mask: Vec<f32> = Vec::<f32>::try_from(&x.mask.get(r as i64)).unwrap();
@@ -621,11 +765,48 @@ mod tests {
     }
 
     #[test]
+    fn the_ptx_loss_is_the_demonstrations_lm_loss_and_leaves_the_ppo_terms_alone() {
+        let mut p = args();
+        let (mut m, tok) = models(4);
+        let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(2)).unwrap();
+        // One demonstration longer than the PPO sequences, one shorter: both paddings run.
+        let seqs: Vec<_> = [("sort 3:", "3"), ("reverse abcdefghijklmnop:", "ponmlkjihgfedcba")].iter().map(|(a, b)| encode_pair(&tok, a, b, 48)).collect();
+        let (ids, targets) = lm_batch(&seqs, tok.pad());
+        assert!(ids.size()[1] > x.ids.size()[1] && seqs[0].0.len() < x.ids.size()[1] as usize);
+        let expect = crate::train::lm_loss(&m.actor.forward(&ids).unwrap(), &targets).double_value(&[]);
+        let rows = Tensor::from_slice(&[0i64, 1]);
+        let export = |e: &mut Box<dyn Engine>| -> std::collections::BTreeMap<String, Tensor> { e.export().unwrap().into_iter().collect() };
+        let before = export(&mut m.actor);
+        p.ptx_coef = 0.5;
+        let d = PtxBatch { ids, targets };
+        let s = update_minibatch(&mut m, &x, &rows, &p, Some(&d)).unwrap();
+        assert!((s.ptx_loss - expect).abs() < 1e-5 * expect, "{} vs {expect}", s.ptx_loss);
+        assert!((s.ratio_mean - 1.0).abs() < 1e-6 && s.approx_kl.abs() < 1e-7, "{} {}", s.ratio_mean, s.approx_kl);
+        // The same update without ptx moves the weights differently: the LM gradient was applied.
+        let (mut m2, _) = models(4);
+        let x2 = collect(&mut m2, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(2)).unwrap();
+        assert!(x2.ids.equal(&x.ids));
+        update_minibatch(&mut m2, &x2, &rows, &p, None).unwrap();
+        let (a, b) = (export(&mut m.actor), export(&mut m2.actor));
+        let w = "wte.weight";
+        let moved = |t: &Tensor| (t - &before[w]).abs().sum(Kind::Double).double_value(&[]);
+        assert!(moved(&a[w]) > 0.0 && moved(&b[w]) > 0.0);
+        assert!((&a[w] - &b[w]).abs().max().double_value(&[]) > 1e-6, "ptx changed nothing");
+    }
+
+    #[test]
+    fn cut_off_responses_are_scored_as_ending_there() {
+        assert_eq!(reward_input(&[1, 2, 3], true, 9, 8), [1, 2, 3]);
+        assert_eq!(reward_input(&[1, 2, 3], false, 9, 8), [1, 2, 3, 9]);
+        assert_eq!(reward_input(&[1, 2, 3], false, 9, 3), [1, 2, 9], "at the context limit");
+    }
+
+    #[test]
     fn experience_is_deterministic_for_a_seed() {
         let p = args();
         let run = |seed: u64| {
             let (mut m, tok) = models(3);
-            collect(&mut m, &tok, &p, &prompts(), 0.1, &mut rng(seed)).unwrap()
+            collect(&mut m, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(seed)).unwrap()
         };
         let (a, b, c) = (run(5), run(5), run(6));
         assert!(a.ids.equal(&b.ids) && a.advantages.equal(&b.advantages));

@@ -557,6 +557,14 @@ impl Manager {
         g.store.tracer.as_ref().map(|t| t.to_json())
     }
 
+    /// Transfer time recorded so far and the part of it hidden under compute (None unless
+    /// `trace` was set).
+    pub fn trace_overlap(&self) -> Option<trace::Overlap> {
+        let mut g = self.lock();
+        g.store.reap();
+        g.store.tracer.as_ref().map(|t| t.overlap())
+    }
+
     /// Waits for every in-flight move (prefetches included) to finish.
     pub fn quiesce(&self) {
         let mut g = self.lock();

@@ -2,6 +2,7 @@
 //! Chrome trace export (opens in Perfetto) with one track per link and one for compute.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -56,6 +57,57 @@ struct Event {
     tid: u32,
 }
 
+/// Transfer time and the part of it that ran while compute ran (some access guard was live).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Overlap {
+    pub transfer_us: f64,
+    pub hidden_us: f64,
+}
+
+impl Overlap {
+    /// The share of transfer time hidden under compute; None without transfers.
+    pub fn share(&self) -> Option<f64> {
+        (self.transfer_us > 0.0).then(|| self.hidden_us / self.transfer_us)
+    }
+
+}
+
+/// Sums of two runs' figures (e.g. the models of one PPO run).
+impl std::ops::Add for Overlap {
+    type Output = Overlap;
+    fn add(self, o: Overlap) -> Overlap {
+        Overlap {
+            transfer_us: self.transfer_us + o.transfer_us,
+            hidden_us: self.hidden_us + o.hidden_us,
+        }
+    }
+}
+
+/// Time zero of every tracer in the process, so traces of several managers line up.
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Merges `[start, end)` intervals into disjoint sorted ones.
+fn union(mut iv: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    iv.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut out: Vec<(f64, f64)> = Vec::with_capacity(iv.len());
+    for (a, b) in iv {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// Length of `[a, b)` covered by the disjoint sorted `cover`.
+fn covered(cover: &[(f64, f64)], a: f64, b: f64) -> f64 {
+    let first = cover.partition_point(|iv| iv.1 <= a);
+    cover[first..].iter().take_while(|iv| iv.0 < b).map(|iv| (iv.1.min(b) - iv.0.max(a)).max(0.0)).sum()
+}
+
 /// Records spans for the Chrome trace.
 pub(crate) struct Tracer {
     origin: Instant,
@@ -68,7 +120,7 @@ impl Tracer {
         let mut tracks = BTreeMap::new();
         tracks.insert("compute".to_string(), 0);
         Tracer {
-            origin: Instant::now(),
+            origin: origin(),
             events: Vec::new(),
             tracks,
         }
@@ -94,6 +146,20 @@ impl Tracer {
         });
     }
 
+    /// Transfer spans (the link tracks: stalls are waits, not transfers) against the union of
+    /// compute spans.
+    pub(crate) fn overlap(&self) -> Overlap {
+        let compute = self.tracks["compute"];
+        let links: Vec<u32> = self.tracks.iter().filter(|(n, _)| n.contains("->")).map(|(_, &t)| t).collect();
+        let cover = union(self.events.iter().filter(|e| e.tid == compute).map(|e| (e.ts, e.ts + e.dur)).collect());
+        let mut o = Overlap::default();
+        for e in self.events.iter().filter(|e| links.contains(&e.tid)) {
+            o.transfer_us += e.dur;
+            o.hidden_us += covered(&cover, e.ts, e.ts + e.dur);
+        }
+        o
+    }
+
     /// Chrome trace JSON: `{"traceEvents": [...]}` with a name for each track.
     pub(crate) fn to_json(&self) -> serde_json::Value {
         let mut events: Vec<serde_json::Value> = self
@@ -105,5 +171,34 @@ impl Tracer {
             .collect();
         events.extend(self.events.iter().map(|e| serde_json::to_value(e).expect("events serialise")));
         serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t: &Tracer, us: u64) -> Instant {
+        t.origin + Duration::from_micros(us)
+    }
+
+    #[test]
+    fn overlap_counts_transfer_time_under_the_union_of_compute_spans() {
+        let mut t = Tracer::new();
+        // Compute [100, 200) and [150, 300) (overlapping accesses) and [400, 500).
+        for (a, d) in [(100, 100), (150, 150), (400, 100)] {
+            t.span("compute", "c".into(), at(&t, a), Duration::from_micros(d));
+        }
+        // Transfers: [50, 250) half hidden... 150 of 200; [300, 400) not at all; [450, 460) fully.
+        t.span("host->device", "f".into(), at(&t, 50), Duration::from_micros(200));
+        t.span("device->host", "e".into(), at(&t, 300), Duration::from_micros(100));
+        t.span("nvme->device", "f".into(), at(&t, 450), Duration::from_micros(10));
+        // A stall is a wait, not a transfer.
+        t.span("stall", "s".into(), at(&t, 0), Duration::from_micros(1000));
+        let o = t.overlap();
+        assert!((o.transfer_us - 310.0).abs() < 1e-6, "{o:?}");
+        assert!((o.hidden_us - 160.0).abs() < 1e-6, "{o:?}");
+        assert!((o.share().unwrap() - 160.0 / 310.0).abs() < 1e-9);
+        assert_eq!(Overlap::default().share(), None);
     }
 }

@@ -169,7 +169,7 @@ fn pipeline_runs_end_to_end_and_reports() {
     }
     let metrics = std::fs::read_to_string(d.path().join("ppo/metrics.jsonl")).unwrap();
     // The last iteration's line (held-out gold rewards are logged on lines of their own).
-    let last: Value = serde_json::from_str(metrics.lines().filter(|l| l.contains("\"reward_mean\"")).last().unwrap()).unwrap();
+    let last: Value = serde_json::from_str(metrics.lines().rev().find(|l| l.contains("\"reward_mean\"")).unwrap()).unwrap();
     let held: Vec<Value> = metrics.lines().filter(|l| l.contains("gold_reward_heldout")).map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(held.iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 3], "held-out gold before and after");
     for k in ["reward_mean", "reward_std", "kl", "entropy", "approx_kl", "clipfrac", "policy_loss", "value_loss", "explained_variance", "response_length", "eos_rate", "generation_s", "training_s", "tokens_per_s", "ptx_loss"] {

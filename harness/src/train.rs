@@ -778,7 +778,7 @@ pub fn policy_pairs(e: &mut dyn Engine, tok: &Tokenizer, task: Task, prompts: &[
         top_p: 1.0,
     };
     let mut out = Vec::with_capacity(prompts.len());
-    for part in prompts.chunks(256) {
+    for (c, part) in prompts.chunks(256).enumerate() {
         let ids: Vec<Vec<i64>> = part
             .iter()
             .flat_map(|p| {
@@ -821,7 +821,7 @@ pub fn policy_pairs(e: &mut dyn Engine, tok: &Tokenizer, task: Task, prompts: &[
                 }
             }
         }
-        bar.set_message(format!("sampling preference pairs {}/{}", out.len(), prompts.len()));
+        bar.set_message(format!("sampling preference pairs: {} of {} prompts, {} pairs", (c * 256 + part.len()), prompts.len(), out.len()));
     }
     Ok(out)
 }

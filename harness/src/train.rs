@@ -664,8 +664,15 @@ fn train_loop(a: &TrainArgs, e: &mut dyn Engine, tok: &Tokenizer, run: &mut Run,
     Ok((last_loss, metric))
 }
 
-fn section(a: &TrainArgs, e: &dyn Engine, loss: f64, key: &str, metric: Option<f64>, run: &Run) -> Value {
-    json!({"final_loss": loss, key: metric.unwrap_or(0.0), "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(), "strategy": format!("{:?}", a.strategy).to_lowercase(), "model": e.spec().cfg.name, "params": e.spec().numel()})
+/// The end of an SFT or RM run: its report section (returned), the memory figures and trace,
+/// and the charts.
+fn finish_stage(a: &TrainArgs, e: &dyn Engine, run: &Run, name: &str, key: &str, loss: f64, metric: Option<f64>) -> Result<Value> {
+    let section = json!({"final_loss": loss, key: metric.unwrap_or(0.0), "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(), "strategy": format!("{:?}", a.strategy).to_lowercase(), "model": e.spec().cfg.name, "params": e.spec().numel()});
+    let mut mem = memory_json(e);
+    mem["transfer_hidden_share"] = json!(write_trace(a, &[(name, e)], run)?);
+    update_report(&a.out, name, section.clone(), mem)?;
+    run.charts();
+    Ok(section)
 }
 
 /// `stowage sft`: returns the report section.
@@ -706,12 +713,7 @@ pub fn run_sft(a: &TrainArgs) -> Result<Value> {
         measure: Box::new(measure),
     };
     let (loss, em) = train_loop(a, e.as_mut(), &tok, &mut run, start, stage)?;
-    let section = section(a, e.as_ref(), loss, "heldout_exact_match", em, &run);
-    let mut mem = memory_json(e.as_ref());
-    mem["transfer_hidden_share"] = json!(write_trace(a, &[("sft", e.as_ref())], &run)?);
-    update_report(&a.out, "sft", section.clone(), mem)?;
-    run.charts();
-    Ok(section)
+    finish_stage(a, e.as_ref(), &run, "sft", "heldout_exact_match", loss, em)
 }
 
 /// Loads a checkpoint's weights into `e`; heads other than `e`'s are dropped (a critic starts
@@ -913,12 +915,7 @@ pub fn run_rm(a: &TrainArgs, loss_kind: RmLoss, pairs: &PairArgs) -> Result<Valu
         measure: Box::new(|e: &mut dyn Engine, _| eval_pairwise(e, &tok, &eval, a.batch_size)),
     };
     let (loss, acc) = train_loop(a, e.as_mut(), &tok, &mut run, start, stage)?;
-    let section = section(a, e.as_ref(), loss, "heldout_accuracy", acc, &run);
-    let mut mem = memory_json(e.as_ref());
-    mem["transfer_hidden_share"] = json!(write_trace(a, &[("rm", e.as_ref())], &run)?);
-    update_report(&a.out, "rm", section.clone(), mem)?;
-    run.charts();
-    Ok(section)
+    finish_stage(a, e.as_ref(), &run, "rm", "heldout_accuracy", loss, acc)
 }
 
 #[cfg(test)]

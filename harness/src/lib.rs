@@ -3,6 +3,7 @@
 //! SFT and reward-model training; the command line's subcommands as a library, so they can be
 //! tested and embedded.
 
+pub mod bench;
 pub mod bridge;
 pub mod ckpt;
 pub mod data;

@@ -85,6 +85,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+    /// One run of `stowage bench capacity`, in its child process.
+    #[command(hide = true)]
+    BenchRun {
+        #[command(flatten)]
+        args: stowage_harness::bench::RunArgs,
+    },
     /// Continue prompts with a trained checkpoint.
     Generate {
         /// A checkpoint directory (e.g. OUT/checkpoint of `stowage sft`).
@@ -104,6 +115,17 @@ enum Command {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The largest model each strategy trains under a memory budget (each run in a child
+    /// process; resident memory on a CPU-only machine, GPU memory held down by a ballast on a
+    /// GPU), with step time, tokens/s, FLOP/s and bytes moved per link.
+    Capacity {
+        #[command(flatten)]
+        args: stowage_harness::bench::CapacityArgs,
     },
 }
 
@@ -175,6 +197,10 @@ fn main() -> ExitCode {
                 &task.prompts(size, seed, heldout).into_iter().map(|prompt| PromptExample { prompt }).collect::<Vec<_>>(),
             ),
         },
+        Command::Bench {
+            which: BenchCommand::Capacity { args },
+        } => stowage_harness::bench::run_capacity(&args).map(|_| ()),
+        Command::BenchRun { args } => stowage_harness::bench::run_child(&args).map(|_| ()),
         Command::Generate {
             checkpoint,
             prompt,

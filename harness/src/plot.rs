@@ -182,6 +182,65 @@ pub fn plot_run(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The capacity benchmark's chart: parameters per model (log) against peak memory (log), one
+/// colour per strategy, filled markers for runs that fit, hollow ones for runs that did not (at
+/// the memory they had reached), and the budget as a horizontal line.
+pub fn capacity_chart(path: &Path, runs: &[crate::bench::RunRecord], budget: u64) -> Result<()> {
+    let pts: Vec<&crate::bench::RunRecord> = runs.iter().filter(|r| r.peak_bytes > 0).collect();
+    if pts.is_empty() {
+        return Ok(());
+    }
+    register_font();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let (mut x0, mut x1) = (f64::MAX, f64::MIN);
+    let (mut y0, mut y1) = (gib(budget), gib(budget));
+    for r in &pts {
+        (x0, x1) = (x0.min(r.params as f64), x1.max(r.params as f64));
+        (y0, y1) = (y0.min(gib(r.peak_bytes)), y1.max(gib(r.peak_bytes)));
+    }
+    let (x0, x1, y0, y1) = (x0 / 1.5, x1 * 1.5, y0 / 1.5, y1 * 1.5);
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption("peak memory against model size", (FONT, 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())?;
+        c.configure_mesh()
+            .x_desc("parameters per model")
+            .y_desc("peak memory, GiB")
+            .x_label_formatter(&|x| if *x >= 1e9 { format!("{:.1}B", x / 1e9) } else { format!("{:.0}M", x / 1e6) })
+            .y_label_formatter(&|y| format!("{y:.2}"))
+            .label_style((FONT, 13))
+            .draw()?;
+        let mut names: Vec<&str> = pts.iter().map(|r| r.strategy.as_str()).collect();
+        names.dedup();
+        names.sort_unstable();
+        names.dedup();
+        for (i, name) in names.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            let mine: Vec<&&crate::bench::RunRecord> = pts.iter().filter(|r| r.strategy == *name).collect();
+            let fit: Vec<(f64, f64)> = mine.iter().filter(|r| r.fits).map(|r| (r.params as f64, gib(r.peak_bytes))).collect();
+            let style = ShapeStyle::from(&color).stroke_width(2);
+            c.draw_series(LineSeries::new(fit.iter().copied(), style))?
+                .label(name.to_string())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], ShapeStyle::from(&color).stroke_width(2)));
+            c.draw_series(fit.iter().map(|&p| Circle::new(p, 5, style.filled())))?;
+            c.draw_series(mine.iter().filter(|r| !r.fits).map(|r| Circle::new((r.params as f64, gib(r.peak_bytes)), 6, style)))?;
+        }
+        let b = gib(budget);
+        c.draw_series(LineSeries::new([(x0, b), (x1, b)], ShapeStyle::from(&BLACK).stroke_width(1)))?
+            .label("budget")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], ShapeStyle::from(&BLACK).stroke_width(1)));
+        c.configure_series_labels().position(SeriesLabelPosition::UpperLeft).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font((FONT, 13)).draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| plot_err(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,3 +318,4 @@ mod tests {
         assert!(err.to_string().contains("missing/a.png"), "{err}");
     }
 }
+

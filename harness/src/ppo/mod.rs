@@ -128,8 +128,7 @@ pub struct Models {
     pub reward: Box<dyn Engine>,
 }
 
-/// Builds and loads the four models. Each chunked model gets its share of the budgets (the
-/// trainable ones twice the frozen ones').
+/// Builds and loads the four models from their checkpoints.
 pub fn build_models(a: &TrainArgs, p: &PpoArgs, notes: &mut Vec<String>) -> Result<(Models, Tokenizer)> {
     let need = |x: &Option<PathBuf>, what: &str| x.clone().ok_or_else(|| HarnessError::Config(format!("give --{what} DIR (a checkpoint directory)")));
     let (actor_dir, rm_path) = (need(&p.actor, "actor")?, need(&p.reward_model, "reward-model")?);
@@ -141,6 +140,17 @@ pub fn build_models(a: &TrainArgs, p: &PpoArgs, notes: &mut Vec<String>) -> Resu
         return Err(HarnessError::Config("the reward model and the actor use different tokenizers".into()));
     }
     let tok = Tokenizer::new(actor_cfg.tokenizer)?;
+    let mut m = new_models(a, p.critic_lr, [&actor_cfg.model, &critic_cfg.model, &rm_cfg.model], notes)?;
+    crate::train::load_weights(m.actor.as_mut(), &actor_dir, actor_cfg.head)?;
+    crate::train::load_weights(m.critic.as_mut(), &rm_dir, critic_cfg.head)?;
+    crate::train::load_weights(m.reference.as_mut(), &actor_dir, actor_cfg.head)?;
+    crate::train::load_weights(m.reward.as_mut(), &rm_path, rm_cfg.head)?;
+    Ok((m, tok))
+}
+
+/// The four models, freshly initialised, with shapes `[actor and reference, critic, reward]`.
+/// Each chunked model gets its share of the budgets (the trainable ones twice the frozen ones').
+pub fn new_models(a: &TrainArgs, critic_lr: f32, cfgs: [&crate::model::GptConfig; 3], notes: &mut Vec<String>) -> Result<Models> {
     let share = |frac: f64, b: Option<u64>| b.map(|x| (x as f64 * frac) as u64);
     let args = |frac: f64| {
         let mut x = a.clone();
@@ -151,20 +161,17 @@ pub fn build_models(a: &TrainArgs, p: &PpoArgs, notes: &mut Vec<String>) -> Resu
         x
     };
     let (ta, tf) = (1.0 / 3.0, 1.0 / 6.0);
-    let mut actor = build_engine(&args(ta), actor_cfg.model.clone(), HeadKind::Lm, notes)?;
-    crate::train::load_weights(actor.as_mut(), &actor_dir, actor_cfg.head)?;
+    let [actor_cfg, critic_cfg, rm_cfg] = cfgs;
+    let actor = build_engine(&args(ta), actor_cfg.clone(), HeadKind::Lm, notes)?;
     let mut ca = args(ta);
-    ca.lr = p.critic_lr;
-    let mut critic = build_engine(&ca, critic_cfg.model.clone(), HeadKind::Value, notes)?;
-    crate::train::load_weights(critic.as_mut(), &rm_dir, critic_cfg.head)?;
-    let frozen = |x: TrainArgs, cfg: crate::model::GptConfig, head: HeadKind, notes: &mut Vec<String>| -> Result<Box<dyn Engine>> {
-        crate::train::build_engine_with(&x, ModelSpec::new(cfg, head), TrainOpts::frozen(x.compute_dtype()), notes)
+    ca.lr = critic_lr;
+    let critic = build_engine(&ca, critic_cfg.clone(), HeadKind::Value, notes)?;
+    let frozen = |x: TrainArgs, cfg: &crate::model::GptConfig, head: HeadKind, notes: &mut Vec<String>| -> Result<Box<dyn Engine>> {
+        crate::train::build_engine_with(&x, ModelSpec::new(cfg.clone(), head), TrainOpts::frozen(x.compute_dtype()), notes)
     };
-    let mut reference = frozen(args(tf), actor_cfg.model.clone(), HeadKind::Lm, notes)?;
-    crate::train::load_weights(reference.as_mut(), &actor_dir, actor_cfg.head)?;
-    let mut reward = frozen(args(tf), rm_cfg.model.clone(), HeadKind::Score, notes)?;
-    crate::train::load_weights(reward.as_mut(), &rm_path, rm_cfg.head)?;
-    Ok((Models { actor, critic, reference, reward }, tok))
+    let reference = frozen(args(tf), actor_cfg, HeadKind::Lm, notes)?;
+    let reward = frozen(args(tf), rm_cfg, HeadKind::Score, notes)?;
+    Ok(Models { actor, critic, reference, reward })
 }
 
 fn pad_rows(rows: &[Vec<i64>], pad: i64) -> Tensor {
@@ -278,7 +285,7 @@ pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String],
 
 /// Statistics of one minibatch update, filled inside the loss closures.
 #[derive(Default, Clone, Copy)]
-struct MbStats {
+pub(crate) struct MbStats {
     policy_loss: f64,
     value_loss: f64,
     approx_kl: f64,
@@ -371,6 +378,23 @@ fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs, 
         loss
     })?;
     Ok(stats.into_inner())
+}
+
+/// The update of one iteration: `p.ppo_epochs` passes over the experience in `p.minibatches`
+/// shuffled minibatches; `ptx(k, n)` gives the k-th minibatch's demonstrations for the ptx loss
+/// (`n` rows; None: no ptx loss).
+pub(crate) fn update_epochs(m: &mut Models, x: &Experience, p: &PpoArgs, rng_rows: &mut impl rand::Rng, ptx: &mut dyn FnMut(usize, usize) -> Option<PtxBatch>) -> Result<Vec<MbStats>> {
+    let b = x.ids.size()[0] as usize;
+    let mut agg = Vec::new();
+    for _ in 0..p.ppo_epochs {
+        let perm = algo::permutation(b, rng_rows);
+        for part in perm.chunks(b.div_ceil(p.minibatches.max(1))) {
+            let rows = Tensor::from_slice(&part.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(x.ids.device());
+            let d = ptx(agg.len(), part.len());
+            agg.push(update_minibatch(m, x, &rows, p, d.as_ref())?);
+        }
+    }
+    Ok(agg)
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -571,22 +595,17 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         m.actor.set_lr(lr);
         m.critic.set_lr(lr_at(p.critic_lr, it, a.steps));
         let b = x.ids.size()[0];
-        let mut agg = Vec::new();
-        for _ in 0..p.ppo_epochs {
-            let perm = algo::permutation(b as usize, &mut rng_rows);
-            for part in perm.chunks((b as usize).div_ceil(p.minibatches.max(1))) {
-                let rows = Tensor::from_slice(&part.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(x.ids.device());
-                // One demonstration minibatch of the same size per PPO minibatch, keyed by
-                // (seed, update) so a rerun draws the same ones.
-                let ptx = (!ptx_set.is_empty()).then(|| {
-                    let idx = batch_indices(a.seed ^ 0x0070_7478, (it << 16) + agg.len() as u64, ptx_set.len(), part.len());
-                    let seqs: Vec<(Vec<i64>, usize)> = idx.iter().map(|&i| ptx_set[i].clone()).collect();
-                    let (ids, targets) = lm_batch(&seqs, tok.pad());
-                    PtxBatch { ids, targets }
-                });
-                agg.push(update_minibatch(&mut m, &x, &rows, p, ptx.as_ref())?);
-            }
-        }
+        let mut ptx = |k: usize, n: usize| {
+            // One demonstration minibatch of the same size per PPO minibatch, keyed by
+            // (seed, update) so a rerun draws the same ones.
+            (!ptx_set.is_empty()).then(|| {
+                let idx = batch_indices(a.seed ^ 0x0070_7478, (it << 16) + k as u64, ptx_set.len(), n);
+                let seqs: Vec<(Vec<i64>, usize)> = idx.iter().map(|&i| ptx_set[i].clone()).collect();
+                let (ids, targets) = lm_batch(&seqs, tok.pad());
+                PtxBatch { ids, targets }
+            })
+        };
+        let agg = update_epochs(&mut m, &x, p, &mut rng_rows, &mut ptx)?;
         let train_s = t1.elapsed().as_secs_f64();
         let kl_mean = mean(&x.kl);
         last_kl = kl_mean;

@@ -112,6 +112,13 @@ impl Cuda {
         &self.0.info
     }
 
+    /// Free and total bytes of the GPU as the driver reports them now.
+    pub(crate) fn mem_info(&self) -> Result<(u64, u64)> {
+        self.bind()?;
+        let (free, total) = result::mem_get_info().map_err(|e| cuda_err("cuMemGetInfo", e))?;
+        Ok((free as u64, total as u64))
+    }
+
     fn bind(&self) -> Result<()> {
         // SAFETY: the context lives as long as `self`.
         unsafe { result::ctx::set_current(self.0.ctx) }.map_err(|e| cuda_err("cuCtxSetCurrent", e))

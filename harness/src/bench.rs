@@ -1,0 +1,743 @@
+//! `stowage bench capacity`: the largest model each strategy trains under a memory budget.
+//!
+//! Every (strategy, model) pair runs in a child process (`stowage bench-run`, hidden) for a few
+//! steps of SFT, reward-model or PPO training on random tokens, so one run's memory never leaks
+//! into the next and an out-of-memory ends the child, not the benchmark. The budget is real:
+//! - on a CPU-only machine it applies to the child's resident memory as the OS reports it
+//!   (VmRSS, polled every few milliseconds, and VmHWM at the end): the parent kills a child that
+//!   goes over. The chunked strategy sizes its chunk budgets to what is left after libtorch's own
+//!   footprint and an estimate of the activations, and spills the rest to `--nvme-dir`;
+//! - on a GPU the rest of the card is taken by a ballast allocation, so going over is a real
+//!   CUDA out-of-memory (a 24 GiB consumer card emulated on a larger one).
+//!
+//! Output: a markdown table (stdout and `OUT/capacity.md`), one JSON object per run (`--json`),
+//! and `OUT/capacity.png` (parameters against peak memory per strategy, with the budget line).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tch::{Kind, Tensor};
+
+use crate::engine::{Engine, ModelSpec};
+use crate::error::{HarnessError, Result};
+use crate::model::{GptConfig, HeadKind};
+use crate::ppo::{PpoArgs, Models};
+use crate::tokenizer::Tokenizer;
+use crate::train::{parse_size, DeviceArg, Precision, Strategy, TrainArgs};
+
+/// The training job each run performs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// One model with an LM head, next-token loss.
+    Sft,
+    /// One model with a score head, pairwise loss on (chosen, rejected) rows.
+    Rm,
+    /// Actor, critic, reference and reward model of the same size: generation, experience and
+    /// one update of actor and critic per step.
+    Ppo,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Sft => "sft",
+            Workload::Rm => "rm",
+            Workload::Ppo => "ppo",
+        }
+    }
+}
+
+/// `stowage bench capacity`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CapacityArgs {
+    #[arg(long, value_enum, default_value_t = Workload::Ppo)]
+    pub task: Workload,
+    /// Memory budget: resident memory on a CPU-only machine, device memory on a GPU.
+    #[arg(long, value_parser = parse_size)]
+    pub budget: u64,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "naive,chunked")]
+    pub strategies: Vec<Strategy>,
+    /// Named configs or LAYERSxWIDTHxHEADS, comma-separated; run smallest first.
+    #[arg(long, value_delimiter = ',', default_value = "tiny,s,m,l,xl")]
+    pub models: Vec<String>,
+    /// Steps per run; the first is warm-up and not timed when there are more.
+    #[arg(long, default_value_t = 3)]
+    pub steps: u64,
+    /// Write the runs as a JSON array here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// NVMe directory for the chunked strategy's spill (each run uses its own subdirectory,
+    /// removed afterwards).
+    #[arg(long)]
+    pub nvme_dir: Option<PathBuf>,
+    /// Directory for capacity.md, capacity.png and each run's log.
+    #[arg(long, default_value = "runs/capacity")]
+    pub out: PathBuf,
+    /// Sequences per step (PPO: prompts).
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Sequence length (PPO: prompt plus response).
+    #[arg(long, default_value_t = 64)]
+    pub ctx: usize,
+    /// PPO: tokens generated per prompt (the prompt fills the rest of --ctx).
+    #[arg(long, default_value_t = 16)]
+    pub max_new: usize,
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub dtype: Precision,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// A run taking longer than this is stopped and reported as not fitting in time.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_s: u64,
+    /// Keep trying larger models after one did not fit (default: stop that strategy there).
+    #[arg(long)]
+    pub keep_going: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `stowage bench-run` (hidden): one run, in the child process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[arg(long, value_enum)]
+    pub workload: Workload,
+    #[arg(long, value_parser = parse_size)]
+    pub budget: u64,
+    /// Where the run's JSON goes.
+    #[arg(long)]
+    pub result: PathBuf,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub ppo: PpoArgs,
+}
+
+/// One run's outcome, as the JSON holds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub strategy: String,
+    pub model: String,
+    /// Parameters of one model (PPO runs four of this size).
+    pub params: u64,
+    /// Parameters of all the run's models.
+    pub params_total: u64,
+    pub fits: bool,
+    /// Why not, when it did not fit.
+    pub reason: Option<String>,
+    pub peak_bytes: u64,
+    pub step_s: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub flops_per_s: Option<f64>,
+    pub bytes_moved: Value,
+    pub budget_bytes: u64,
+    pub wall_s: f64,
+}
+
+/// Resident memory of process `pid` (VmRSS), bytes; None once it has gone.
+fn rss_of(pid: u32) -> Option<u64> {
+    status_field(&format!("/proc/{pid}/status"), "VmRSS:")
+}
+
+fn status_field(path: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()).map(|k| k * 1024)
+}
+
+/// Model FLOPs per step (attention's sequence-quadratic terms left out, as in the usual
+/// 6·N·tokens estimate): 6·N per trained token, 2·N per forward-only token.
+pub fn step_flops(w: Workload, n: u64, tokens: &StepTokens) -> f64 {
+    let n = n as f64;
+    match w {
+        Workload::Sft | Workload::Rm => 6.0 * n * tokens.trained as f64,
+        // Generation (prefill and decode) on the actor; a forward of the whole sequences on
+        // actor, reference, critic and reward model; forward and backward of actor and critic.
+        Workload::Ppo => 2.0 * n * tokens.generated as f64 + 4.0 * 2.0 * n * tokens.trained as f64 + 2.0 * 6.0 * n * tokens.trained as f64,
+    }
+}
+
+/// The FLOP formula as printed with the table.
+pub fn flops_formula(w: Workload) -> &'static str {
+    match w {
+        Workload::Sft | Workload::Rm => "FLOP/step = 6 N T (N parameters, T tokens trained; attention's T^2 terms left out)",
+        Workload::Ppo => "FLOP/step = 2 N G + 8 N T + 12 N T (N parameters per model, G tokens through generation, T sequence tokens: 4 forward-only passes, actor and critic trained)",
+    }
+}
+
+/// Tokens one step processed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTokens {
+    /// Tokens through a training pass (PPO: per trained model).
+    pub trained: u64,
+    /// Tokens through generation (prompt prefill plus decoded positions).
+    pub generated: u64,
+}
+
+/// Bytes of activations a step keeps alive at its peak, estimated for fp32 (Megatron-LM's
+/// per-layer count doubled for 4-byte values): all layers for the naive strategy, one layer
+/// plus every layer's input for the chunked one; logits and their gradient on top, and the
+/// generation's key/value cache for PPO.
+pub fn activation_bytes(cfg: &GptConfig, w: Workload, strategy: Strategy, batch: usize) -> u64 {
+    let (l, d, h, t, v) = (cfg.n_layer as u64, cfg.n_embd as u64, cfg.n_head as u64, cfg.n_ctx as u64, cfg.vocab as u64);
+    let rows = match w {
+        Workload::Rm => 2 * batch as u64,
+        _ => batch as u64,
+    };
+    let n = rows * t;
+    let layer = 2 * n * (34 * d + 5 * h * t);
+    let logits = 3 * 4 * n * v;
+    let body = match strategy {
+        Strategy::Naive => l * layer,
+        Strategy::Chunked => layer + 4 * l * n * d,
+    };
+    let kv = if w == Workload::Ppo { 2 * 4 * l * n * d } else { 0 };
+    body + logits + kv
+}
+
+fn random_tokens(rows: usize, t: usize, vocab: usize, seed: u64) -> Tensor {
+    tch::manual_seed(seed as i64);
+    Tensor::randint_low(3, vocab as i64, [rows as i64, t as i64], (Kind::Int64, tch::Device::Cpu))
+}
+
+/// The engines of one run.
+enum Job {
+    One(Box<dyn Engine>),
+    Ppo(Box<Models>),
+}
+
+impl Job {
+    fn engines(&self) -> Vec<&dyn Engine> {
+        match self {
+            Job::One(e) => vec![e.as_ref()],
+            Job::Ppo(m) => vec![m.actor.as_ref(), m.critic.as_ref(), m.reference.as_ref(), m.reward.as_ref()],
+        }
+    }
+}
+
+/// Whether libtorch computes on CUDA for these options.
+fn on_cuda(a: &TrainArgs) -> bool {
+    a.device != DeviceArg::Sim && tch::Cuda::is_available()
+}
+
+/// Takes all of GPU 0 but `budget` bytes (and what libtorch needs to start): the returned
+/// tensor must live as long as the run.
+fn ballast(budget: u64) -> Result<(Tensor, u64)> {
+    // Start libtorch's CUDA context first, so its own footprint is already gone from `free`.
+    let _ = Tensor::zeros([1], (Kind::Uint8, tch::Device::Cuda(0)));
+    let (free, total) = stowage_memory::device::cuda_memory(0)?;
+    if free <= budget {
+        return Err(HarnessError::Config(format!(
+            "--budget {}: the GPU has only {} free of {}",
+            crate::engine::chunked::human(budget),
+            crate::engine::chunked::human(free),
+            crate::engine::chunked::human(total)
+        )));
+    }
+    let n = free - budget;
+    let t = Tensor::empty([n as i64], (Kind::Uint8, tch::Device::Cuda(0)));
+    Ok((t, total))
+}
+
+/// The child: builds the models, runs the steps, writes the result JSON.
+pub fn run_child(c: &RunArgs) -> Result<Value> {
+    let mut a = c.train.clone();
+    let tok = Tokenizer::new(a.tokenizer)?;
+    let cfg = GptConfig::parse(&a.model, tok.vocab(), a.ctx)?;
+    let cuda = on_cuda(&a);
+    // libtorch starts before the baseline is read.
+    let _ = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
+    let held = if cuda { Some(ballast(c.budget)?) } else { None };
+    let baseline = rss_of(std::process::id()).unwrap_or(0);
+    let act = activation_bytes(&cfg, c.workload, a.strategy, a.batch_size);
+    if a.strategy == Strategy::Chunked && a.device_budget.is_none() {
+        let margin = c.budget / 16 + (64 << 20);
+        if cuda {
+            let dev = c.budget.checked_sub(act + margin).filter(|&x| x > 0);
+            a.device_budget = Some(dev.ok_or_else(|| no_room(c.budget, 0, act, margin))?);
+        } else {
+            let chunks = c.budget.checked_sub(baseline + act + margin).filter(|&x| x > 0).ok_or_else(|| no_room(c.budget, baseline, act, margin))?;
+            a.device_budget = Some(chunks / 2);
+            a.host_budget = Some(chunks - chunks / 2);
+        }
+    }
+    let mut notes = Vec::new();
+    let mut job = match c.workload {
+        Workload::Sft => Job::One(crate::train::build_engine(&a, cfg.clone(), HeadKind::Lm, &mut notes)?),
+        Workload::Rm => Job::One(crate::train::build_engine(&a, cfg.clone(), HeadKind::Score, &mut notes)?),
+        Workload::Ppo => Job::Ppo(Box::new(crate::ppo::new_models(&a, c.ppo.critic_lr, [&cfg, &cfg, &cfg], &mut notes)?)),
+    };
+    let params: u64 = ModelSpec::new(cfg.clone(), HeadKind::Lm).numel();
+    let params_total: u64 = job.engines().iter().map(|e| e.spec().numel()).sum();
+    let mut times = Vec::new();
+    let mut tokens = StepTokens::default();
+    let mut norm = crate::ppo::algo::RunningMoments::default();
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed);
+    let mut gpu_peak = 0u64;
+    for s in 0..a.steps {
+        let t0 = Instant::now();
+        tokens = step(&mut job, c, &a, &tok, s, &mut norm, &mut rng)?;
+        times.push(t0.elapsed().as_secs_f64());
+        if let Some((_, total)) = &held {
+            let (free, _) = stowage_memory::device::cuda_memory(0)?;
+            gpu_peak = gpu_peak.max(total - free);
+        }
+        eprintln!("step {} of {}: {:.2} s", s + 1, a.steps, times[times.len() - 1]);
+    }
+    let timed: Vec<f64> = if times.len() > 1 { times[1..].to_vec() } else { times.clone() };
+    let step_s = median(&timed);
+    let mut moved = std::collections::BTreeMap::<String, u64>::new();
+    for e in job.engines() {
+        for (k, v) in e.memory().bytes_moved {
+            *moved.entry(k).or_default() += v;
+        }
+    }
+    let peak = match &held {
+        Some((b, _)) => gpu_peak.saturating_sub(b.numel() as u64),
+        None => crate::train::peak_rss_bytes(),
+    };
+    let tok_per_step = (tokens.trained + tokens.generated) as f64;
+    let out = json!({
+        "params": params,
+        "params_total": params_total,
+        "peak_bytes": peak,
+        "baseline_rss_bytes": baseline,
+        "activation_estimate_bytes": act,
+        "device_budget": a.device_budget,
+        "host_budget": a.host_budget,
+        "step_s": step_s,
+        "steps_s": times,
+        "tokens_per_s": tok_per_step / step_s.max(1e-12),
+        "flops_per_s": step_flops(c.workload, params, &tokens) / step_s.max(1e-12),
+        "bytes_moved": moved,
+        "notes": notes,
+    });
+    crate::ckpt::write_atomic(&c.result, out.to_string().as_bytes())?;
+    Ok(out)
+}
+
+fn no_room(budget: u64, baseline: u64, act: u64, margin: u64) -> HarnessError {
+    use crate::engine::chunked::human;
+    HarnessError::Config(format!(
+        "budget {}: libtorch's own footprint ({}), the activations ({}, estimated) and a margin ({}) leave nothing for chunks; use a larger --budget or a smaller --batch-size/--ctx",
+        human(budget),
+        human(baseline),
+        human(act),
+        human(margin)
+    ))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+    }
+}
+
+/// One step of the workload on random tokens.
+fn step(job: &mut Job, c: &RunArgs, a: &TrainArgs, tok: &Tokenizer, s: u64, norm: &mut crate::ppo::algo::RunningMoments, rng: &mut rand_chacha::ChaCha8Rng) -> Result<StepTokens> {
+    let (b, t) = (a.batch_size, a.ctx);
+    let vocab = tok.vocab();
+    match job {
+        Job::One(e) => {
+            let dev = e.device();
+            if c.workload == Workload::Sft {
+                let ids = random_tokens(b, t, vocab, a.seed + s);
+                let tg = Tensor::cat(&[ids.narrow(1, 1, t as i64 - 1), Tensor::full([b as i64, 1], -100, (Kind::Int64, tch::Device::Cpu))], 1).to_device(dev);
+                e.step(&ids, &|out: &Tensor| crate::train::lm_loss(out, &tg))?;
+                Ok(StepTokens { trained: (b * t) as u64, generated: 0 })
+            } else {
+                let ids = random_tokens(2 * b, t, vocab, a.seed + s);
+                let last = Tensor::full([2 * b as i64], t as i64 - 1, (Kind::Int64, tch::Device::Cpu));
+                e.step(&ids, &|out: &Tensor| crate::train::rm_loss(&crate::train::gather_last(out, &last), crate::train::RmLoss::LogSig))?;
+                Ok(StepTokens { trained: (2 * b * t) as u64, generated: 0 })
+            }
+        }
+        Job::Ppo(m) => {
+            use rand::Rng;
+            let new = c.ppo.max_new.min(t.saturating_sub(2)).max(1);
+            let plen = t - new - 1;
+            let prompts: Vec<String> = (0..b).map(|_| (0..plen).map(|_| char::from(b'a' + rng.gen_range(0..26u8))).collect()).collect();
+            let x = crate::ppo::collect(m, tok, &c.ppo, &prompts, c.ppo.kl_coef, norm, rng)?;
+            crate::ppo::update_epochs(m, &x, &c.ppo, rng, &mut |_, _| None)?;
+            let seq = x.ids.size()[1] as u64;
+            let passes = (c.ppo.ppo_epochs.max(1)) as u64;
+            Ok(StepTokens {
+                trained: b as u64 * seq * passes,
+                generated: b as u64 * (plen as u64 + 1) + x.lens.iter().sum::<usize>() as u64,
+            })
+        }
+    }
+}
+
+/// A child being watched.
+struct Watched {
+    child: Child,
+    peak_rss: u64,
+    killed: Option<String>,
+}
+
+/// Runs one (strategy, model) child under the budget; returns its record.
+fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, idx: usize, bar: &indicatif::ProgressBar) -> Result<RunRecord> {
+    let tok = Tokenizer::new(crate::tokenizer::TokenizerKind::Byte)?;
+    let cfg = GptConfig::parse(model, tok.vocab(), a.ctx)?;
+    let params = ModelSpec::new(cfg.clone(), HeadKind::Lm).numel();
+    let sname = match strategy {
+        Strategy::Naive => "naive",
+        Strategy::Chunked => "chunked",
+    };
+    let tag = format!("{idx:02}-{sname}-{model}");
+    let result = a.out.join(format!("{tag}.json"));
+    let log = a.out.join(format!("{tag}.log"));
+    let _ = std::fs::remove_file(&result);
+    let exe = std::env::current_exe().map_err(|e| HarnessError::io("finding the stowage binary", "/proc/self/exe", e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("bench-run")
+        .args(["--workload", a.task.name()])
+        .args(["--budget", &a.budget.to_string()])
+        .arg("--result")
+        .arg(&result)
+        .args(["--model", model, "--strategy", sname])
+        .args(["--steps", &a.steps.to_string(), "--batch-size", &a.batch_size.to_string(), "--ctx", &a.ctx.to_string()])
+        .args(["--max-new", &a.max_new.to_string(), "--ppo-epochs", "1", "--minibatches", "1"])
+        .args(["--dtype", precision_name(a.dtype), "--device", device_name(a.device)])
+        .arg("--quiet")
+        .arg("--out")
+        .arg(a.out.join(&tag));
+    let nvme = match (&a.nvme_dir, strategy) {
+        (Some(d), Strategy::Chunked) => {
+            let sub = d.join(format!("stowage-bench-{}-{tag}", std::process::id()));
+            std::fs::create_dir_all(&sub).map_err(|e| HarnessError::io("creating", &sub, e))?;
+            cmd.arg("--nvme-dir").arg(&sub);
+            Some(sub)
+        }
+        _ => None,
+    };
+    let logf = std::fs::File::create(&log).map_err(|e| HarnessError::io("creating", &log, e))?;
+    cmd.stdout(Stdio::null()).stderr(logf);
+    let start = Instant::now();
+    let child = cmd.spawn().map_err(|e| HarnessError::io("starting the benchmark child", "stowage bench-run", e))?;
+    let mut w = Watched { child, peak_rss: 0, killed: None };
+    let cpu_budget = !(a.device != DeviceArg::Sim && tch::Cuda::is_available());
+    let status = loop {
+        if let Some(st) = w.child.try_wait().map_err(|e| HarnessError::io("waiting for", "the benchmark child", e))? {
+            break st;
+        }
+        if let Some(r) = rss_of(w.child.id()) {
+            w.peak_rss = w.peak_rss.max(r);
+            if cpu_budget && r > a.budget && w.killed.is_none() {
+                w.killed = Some(format!(
+                    "resident memory reached {} > budget {} after {:.1} s",
+                    crate::engine::chunked::human(r),
+                    crate::engine::chunked::human(a.budget),
+                    start.elapsed().as_secs_f64()
+                ));
+                let _ = w.child.kill();
+            }
+        }
+        if start.elapsed() > Duration::from_secs(a.timeout_s) && w.killed.is_none() {
+            w.killed = Some(format!("did not finish {} steps within --timeout-s {}", a.steps, a.timeout_s));
+            let _ = w.child.kill();
+        }
+        bar.set_message(format!(
+            "{sname} {model}: {:.0} s, resident {}",
+            start.elapsed().as_secs_f64(),
+            crate::engine::chunked::human(w.peak_rss)
+        ));
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let wall_s = start.elapsed().as_secs_f64();
+    if let Some(d) = &nvme {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let res: Option<Value> = std::fs::read_to_string(&result).ok().and_then(|s| serde_json::from_str(&s).ok());
+    let mut rec = RunRecord {
+        strategy: sname.into(),
+        model: model.into(),
+        params,
+        params_total: if a.task == Workload::Ppo { 4 * params } else { params },
+        fits: false,
+        reason: None,
+        peak_bytes: w.peak_rss,
+        step_s: None,
+        tokens_per_s: None,
+        flops_per_s: None,
+        bytes_moved: json!({}),
+        budget_bytes: a.budget,
+        wall_s,
+    };
+    match (w.killed, res) {
+        (Some(why), _) => rec.reason = Some(why),
+        (None, Some(r)) if status.success() => {
+            let peak = r["peak_bytes"].as_u64().unwrap_or(0);
+            rec.peak_bytes = if cpu_budget { peak.max(w.peak_rss) } else { peak };
+            rec.params_total = r["params_total"].as_u64().unwrap_or(rec.params_total);
+            rec.step_s = r["step_s"].as_f64();
+            rec.tokens_per_s = r["tokens_per_s"].as_f64();
+            rec.flops_per_s = r["flops_per_s"].as_f64();
+            rec.bytes_moved = r["bytes_moved"].clone();
+            rec.fits = rec.peak_bytes <= a.budget;
+            if !rec.fits {
+                rec.reason = Some(format!("peak {} > budget", crate::engine::chunked::human(rec.peak_bytes)));
+            }
+        }
+        (None, _) => {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let last = text.lines().rev().find(|l| l.starts_with("error:")).or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()));
+            rec.reason = Some(match last {
+                Some(l) => l.trim_start_matches("error: ").to_string(),
+                None => format!("the child exited with {status}"),
+            });
+        }
+    }
+    Ok(rec)
+}
+
+fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16 => "bf16",
+        Precision::Fp16 => "fp16",
+    }
+}
+
+fn device_name(d: DeviceArg) -> &'static str {
+    match d {
+        DeviceArg::Auto => "auto",
+        DeviceArg::Cuda => "cuda",
+        DeviceArg::Sim => "sim",
+    }
+}
+
+/// `stowage bench capacity`: runs every (strategy, model), writes the table, JSON and chart.
+pub fn run_capacity(a: &CapacityArgs) -> Result<Vec<RunRecord>> {
+    if a.steps == 0 {
+        return Err(HarnessError::Config("--steps must be at least 1".into()));
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| HarnessError::io("creating", &a.out, e))?;
+    let tok = Tokenizer::new(crate::tokenizer::TokenizerKind::Byte)?;
+    let mut models: Vec<(String, u64)> = Vec::new();
+    for m in &a.models {
+        let cfg = GptConfig::parse(m, tok.vocab(), a.ctx)?;
+        models.push((m.clone(), ModelSpec::new(cfg, HeadKind::Lm).numel()));
+    }
+    models.sort_by_key(|m| m.1);
+    let total = (models.len() * a.strategies.len()) as u64;
+    let bar = if a.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} runs {elapsed} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    let mut runs = Vec::new();
+    let mut idx = 0;
+    for &s in &a.strategies {
+        let mut stopped: Option<String> = None;
+        for (m, _) in &models {
+            idx += 1;
+            let rec = match &stopped {
+                Some(smaller) => skipped(a, s, m, &tok, smaller)?,
+                None => run_one(a, s, m, idx, &bar)?,
+            };
+            bar.println(format!(
+                "{:<8} {:<14} {:>12} params: {}",
+                rec.strategy,
+                rec.model,
+                rec.params,
+                if rec.fits { format!("fits, peak {}", crate::engine::chunked::human(rec.peak_bytes)) } else { format!("does not fit: {}", rec.reason.clone().unwrap_or_default()) }
+            ));
+            if !rec.fits && stopped.is_none() && !a.keep_going {
+                stopped = Some(m.clone());
+            }
+            runs.push(rec);
+            bar.inc(1);
+            if let Some(j) = &a.json {
+                write_json(j, &runs)?;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let md = table(a, &runs);
+    print!("{md}");
+    crate::ckpt::write_atomic(&a.out.join("capacity.md"), md.as_bytes())?;
+    if let Some(j) = &a.json {
+        write_json(j, &runs)?;
+    }
+    if let Err(e) = crate::plot::capacity_chart(&a.out.join("capacity.png"), &runs, a.budget) {
+        eprintln!("warning: capacity chart not drawn: {e}");
+    }
+    Ok(runs)
+}
+
+fn skipped(a: &CapacityArgs, s: Strategy, m: &str, tok: &Tokenizer, smaller: &str) -> Result<RunRecord> {
+    let cfg = GptConfig::parse(m, tok.vocab(), a.ctx)?;
+    let params = ModelSpec::new(cfg, HeadKind::Lm).numel();
+    Ok(RunRecord {
+        strategy: match s {
+            Strategy::Naive => "naive".into(),
+            Strategy::Chunked => "chunked".into(),
+        },
+        model: m.into(),
+        params,
+        params_total: if a.task == Workload::Ppo { 4 * params } else { params },
+        fits: false,
+        reason: Some(format!("not run: the smaller {smaller} did not fit (--keep-going runs it)")),
+        peak_bytes: 0,
+        step_s: None,
+        tokens_per_s: None,
+        flops_per_s: None,
+        bytes_moved: json!({}),
+        budget_bytes: a.budget,
+        wall_s: 0.0,
+    })
+}
+
+fn write_json(path: &Path, runs: &[RunRecord]) -> Result<()> {
+    let body = serde_json::to_vec_pretty(runs).map_err(|e| HarnessError::Config(e.to_string()))?;
+    crate::ckpt::write_atomic(path, &body)
+}
+
+/// The largest fitting model's parameters per strategy.
+pub fn capacity(runs: &[RunRecord], strategy: &str) -> Option<u64> {
+    runs.iter().filter(|r| r.strategy == strategy && r.fits).map(|r| r.params).max()
+}
+
+/// The markdown report: one row per run, capacities, their ratio and step-time ratios.
+pub fn table(a: &CapacityArgs, runs: &[RunRecord]) -> String {
+    use crate::engine::chunked::human;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Capacity, task {}, budget {} ({}), batch {}, context {}{}, {:?}\n",
+        a.task.name(),
+        human(a.budget),
+        if a.device != DeviceArg::Sim && tch::Cuda::is_available() { "GPU memory" } else { "resident memory" },
+        a.batch_size,
+        a.ctx,
+        if a.task == Workload::Ppo { format!(" ({} generated)", a.max_new) } else { String::new() },
+        a.dtype
+    );
+    let _ = writeln!(s, "| strategy | model | params | fits | peak | step s | tokens/s | GFLOP/s | moved | note |");
+    let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|---:|---:|---|");
+    for r in runs {
+        let moved: u64 = r.bytes_moved.as_object().map_or(0, |o| o.values().filter_map(Value::as_u64).sum());
+        let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1}M | {} | {} | {} | {} | {} | {} | {} |",
+            r.strategy,
+            r.model,
+            r.params as f64 / 1e6,
+            if r.fits { "yes" } else { "no" },
+            if r.peak_bytes > 0 { human(r.peak_bytes) } else { "-".into() },
+            f(r.step_s, 2),
+            f(r.tokens_per_s, 1),
+            f(r.flops_per_s.map(|x| x / 1e9), 1),
+            if moved > 0 { human(moved) } else { "-".into() },
+            r.reason.clone().unwrap_or_default().replace('|', "/")
+        );
+    }
+    let _ = writeln!(s, "\n{}\n", flops_formula(a.task));
+    let (n, c) = (capacity(runs, "naive"), capacity(runs, "chunked"));
+    for (name, cap) in [("naive", n), ("chunked", c)] {
+        if let Some(p) = cap {
+            let _ = writeln!(s, "- {name} capacity: {:.1}M parameters per model", p as f64 / 1e6);
+        }
+    }
+    if let (Some(n), Some(c)) = (n, c) {
+        let _ = writeln!(s, "- chunked / naive capacity: {:.1}x", c as f64 / n as f64);
+    }
+    for r in runs.iter().filter(|r| r.strategy == "chunked" && r.fits) {
+        if let Some(nv) = runs.iter().find(|x| x.strategy == "naive" && x.model == r.model && x.fits) {
+            if let (Some(cs), Some(ns)) = (r.step_s, nv.step_s) {
+                let _ = writeln!(s, "- {}: chunked step time {:.2}x naive ({cs:.2} s vs {ns:.2} s)", r.model, cs / ns);
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(strategy: &str, model: &str, params: u64, fits: bool, step_s: f64) -> RunRecord {
+        RunRecord {
+            strategy: strategy.into(),
+            model: model.into(),
+            params,
+            params_total: params,
+            fits,
+            reason: (!fits).then(|| "resident memory reached".into()),
+            peak_bytes: params * 20,
+            step_s: fits.then_some(step_s),
+            tokens_per_s: None,
+            flops_per_s: None,
+            bytes_moved: json!({"nvme->device": 1 << 20}),
+            budget_bytes: 1 << 30,
+            wall_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn activations_of_the_chunked_strategy_are_one_layer_plus_inputs() {
+        let c = GptConfig::parse("12x768x12", 256, 64).unwrap();
+        let naive = activation_bytes(&c, Workload::Sft, Strategy::Naive, 4);
+        let chunked = activation_bytes(&c, Workload::Sft, Strategy::Chunked, 4);
+        // One layer of 4 x 64 tokens: 2 * 256 * (34 * 768 + 5 * 12 * 64) bytes.
+        let layer = 2 * 256 * (34 * 768 + 5 * 12 * 64);
+        let logits = 12 * 256 * 256;
+        assert_eq!(naive, 12 * layer + logits);
+        assert_eq!(chunked, layer + 4 * 12 * 256 * 768 + logits);
+        // Reward models see pairs: twice the rows.
+        assert!(activation_bytes(&c, Workload::Rm, Strategy::Naive, 4) == 2 * naive);
+        assert!(activation_bytes(&c, Workload::Ppo, Strategy::Chunked, 4) > chunked, "the KV cache");
+    }
+
+    #[test]
+    fn flops_follow_the_printed_formula() {
+        let t = StepTokens { trained: 100, generated: 30 };
+        assert_eq!(step_flops(Workload::Sft, 1000, &t), 6.0 * 1000.0 * 100.0);
+        assert_eq!(step_flops(Workload::Ppo, 1000, &t), 2.0 * 1000.0 * 30.0 + 8.0 * 1000.0 * 100.0 + 12.0 * 1000.0 * 100.0);
+    }
+
+    #[test]
+    fn the_table_gives_capacities_their_ratio_and_step_time_ratios() {
+        let a = CapacityArgs {
+            task: Workload::Ppo,
+            budget: 1 << 30,
+            strategies: vec![Strategy::Naive, Strategy::Chunked],
+            models: vec![],
+            steps: 2,
+            json: None,
+            nvme_dir: None,
+            out: PathBuf::from("x"),
+            batch_size: 4,
+            ctx: 64,
+            max_new: 16,
+            dtype: Precision::Fp32,
+            device: DeviceArg::Sim,
+            timeout_s: 10,
+            keep_going: false,
+            quiet: true,
+        };
+        let runs = vec![
+            rec("naive", "a", 10_000_000, true, 1.0),
+            rec("naive", "b", 40_000_000, false, 0.0),
+            rec("chunked", "a", 10_000_000, true, 1.1),
+            rec("chunked", "b", 40_000_000, true, 3.0),
+            rec("chunked", "c", 120_000_000, true, 9.0),
+        ];
+        assert_eq!(capacity(&runs, "naive"), Some(10_000_000));
+        assert_eq!(capacity(&runs, "chunked"), Some(120_000_000));
+        let t = table(&a, &runs);
+        assert!(t.contains("chunked / naive capacity: 12.0x"), "{t}");
+        assert!(t.contains("- a: chunked step time 1.10x naive"), "{t}");
+        assert!(!t.contains("- b: chunked step time"), "b did not fit naively: {t}");
+        assert_eq!(t.lines().filter(|l| l.starts_with("| naive") || l.starts_with("| chunked")).count(), 5);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0]), 2.5);
+    }
+}

@@ -11,6 +11,11 @@
 //! libtorch ops over device views otherwise. Without clipping or loss scaling, a chunk's update
 //! starts on a second thread as soon as its gradients are final, overlapping the rest of the
 //! backward pass.
+//!
+//! Keep mode: when every parameter chunk fits on the device next to one unit's gradients (a
+//! model that would fit without offloading), the forward pass holds them all and keeps each
+//! unit's graph, so the backward pass recomputes nothing: the step costs what the naive
+//! strategy's does, plus the chunk bookkeeping and the CPU AdamW.
 
 use std::collections::BTreeMap;
 
@@ -40,6 +45,10 @@ pub struct ChunkedOpts {
     pub pipeline_update: bool,
     /// CPU AdamW threads (None: one per core).
     pub adam_threads: Option<usize>,
+    /// Keep each unit's autograd graph from the forward pass when every parameter chunk fits on
+    /// the device next to one unit's gradients (no recompute, the naive strategy's activation
+    /// memory); false: always recompute in the backward pass (one unit's activations).
+    pub keep_graph: bool,
 }
 
 impl Default for ChunkedOpts {
@@ -52,6 +61,7 @@ impl Default for ChunkedOpts {
             trace: false,
             pipeline_update: true,
             adam_threads: None,
+            keep_graph: true,
         }
     }
 }
@@ -77,6 +87,13 @@ pub struct Footprint {
     pub largest_chunk: u64,
 }
 
+/// A unit's forward pass with autograd: tracked parameter leaves, the input leaf, the output.
+struct UnitGraph {
+    leaves: Vec<Tensor>,
+    x: Tensor,
+    out: Tensor,
+}
+
 pub struct Chunked {
     spec: ModelSpec,
     opts: TrainOpts,
@@ -100,6 +117,9 @@ pub struct Chunked {
     ordinal: usize,
     footprint: Footprint,
     pipelined: bool,
+    /// Keep each unit's graph from the forward pass instead of recomputing it (every parameter
+    /// chunk fits on the device with a unit's gradients).
+    keep_graph: bool,
     notes: Vec<String>,
 }
 
@@ -240,7 +260,11 @@ impl Chunked {
                 human(t.host_budget)
             )));
         }
-        let pipelined = copts.pipeline_update && opts.max_norm.is_none() && opts.dtype != DType::F16 && fp.unit_max + fp.update_max <= device_budget;
+        let param_total = fp.per_role.get("param").copied().unwrap_or(0);
+        let keep_graph = opts.trainable && copts.keep_graph && param_total + fp.unit_max <= device_budget;
+        // A pipelined update writes parameter chunks during the backward pass: not while keep
+        // mode holds them all.
+        let pipelined = !keep_graph && copts.pipeline_update && opts.max_norm.is_none() && opts.dtype != DType::F16 && fp.unit_max + fp.update_max <= device_budget;
 
         let device = match mgr.tiers().device_kind() {
             Some(stowage_memory::DeviceKind::Cuda) => Device::Cuda(t.device.ordinal),
@@ -276,6 +300,7 @@ impl Chunked {
             ordinal: t.device.ordinal,
             footprint: fp,
             pipelined,
+            keep_graph,
             notes,
         };
         me.initialise(seed)?;
@@ -285,6 +310,12 @@ impl Chunked {
 
     pub fn manager(&self) -> &Manager {
         &self.mgr
+    }
+
+    /// Whether the backward pass reuses the forward pass's graphs (keep mode) instead of
+    /// recomputing each unit.
+    pub fn keeps_graph(&self) -> bool {
+        self.keep_graph
     }
 
     pub fn footprint(&self) -> &Footprint {
@@ -407,18 +438,28 @@ impl Chunked {
     /// Backward of the unit at backward position `j`: returns the input's gradient (none for
     /// the embedding) and, for the head, the loss. Adds final tensors' squared gradient norms
     /// to `sq`.
-    fn unit_backward(&self, j: usize, input: &Tensor, dy: Option<&Tensor>, loss: &dyn Fn(&Tensor) -> Tensor, sq: &mut f64) -> Result<(Option<Tensor>, Option<f64>)> {
+    /// `kept`: the unit's graph from the forward pass (keep mode); None: recompute it here.
+    #[allow(clippy::too_many_arguments)]
+    fn unit_backward(&self, j: usize, input: &Tensor, kept: Option<UnitGraph>, dy: Option<&Tensor>, loss: &dyn Fn(&Tensor) -> Tensor, sq: &mut f64) -> Result<(Option<Tensor>, Option<f64>)> {
         let l = self.spec.cfg.n_layer;
         let u = l + 1 - j;
-        let pa = self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Param), Mode::Read)?;
+        let pa = match kept {
+            Some(_) => None,
+            None => Some(self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Param), Mode::Read)?),
+        };
         let ga = self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Grad), Mode::Write)?;
         let (dx, loss_value) = {
-            let leaves = self.unit_tensors[u]
-                .iter()
-                .map(|&t| Ok(view_on(&pa, self.tids[t], Role::Param, &self.spec.params[t].shape_i64(), self.ordinal)?.tracked()))
-                .collect::<Result<Vec<Tensor>>>()?;
-            let x = if u == 0 { input.shallow_clone() } else { input.detach().set_requires_grad(true) };
-            let out = self.unit_fn(u, &leaves, &x);
+            let UnitGraph { leaves, x, out } = match (kept, &pa) {
+                (Some(g), _) => g,
+                (None, Some(pa)) => {
+                    let leaves = self.unit_tensors[u]
+                        .iter()
+                        .map(|&t| Ok(view_on(pa, self.tids[t], Role::Param, &self.spec.params[t].shape_i64(), self.ordinal)?.tracked()))
+                        .collect::<Result<Vec<Tensor>>>()?;
+                    self.unit_graph(u, leaves, input)
+                }
+                (None, None) => unreachable!("a recomputed unit holds its parameter access"),
+            };
             let (objective, loss_value) = match dy {
                 None => {
                     let lt = loss(&out);
@@ -444,9 +485,19 @@ impl Chunked {
             ((u != 0).then(|| grads[grads.len() - 1].shallow_clone()), loss_value)
         };
         self.sync();
-        pa.release_after_backward();
+        if let Some(pa) = pa {
+            pa.release_after_backward();
+        }
         drop(ga);
         Ok((dx, loss_value))
+    }
+
+    /// Unit `u` with autograd over the tracked parameter `leaves`; the input is cut from the
+    /// previous unit's graph (a leaf whose gradient is passed back by hand).
+    fn unit_graph(&self, u: usize, leaves: Vec<Tensor>, input: &Tensor) -> UnitGraph {
+        let x = if u == 0 { input.shallow_clone() } else { input.detach().set_requires_grad(true) };
+        let out = self.unit_fn(u, &leaves, &x);
+        UnitGraph { leaves, x, out }
     }
 
     /// Forward and backward; chunks whose gradients are final go to `ready` as they become so.
@@ -454,16 +505,41 @@ impl Chunked {
         let l = self.spec.cfg.n_layer;
         let mut inputs: Vec<Tensor> = Vec::with_capacity(l + 2);
         inputs.push(ids.shallow_clone());
-        for u in 0..=l {
-            let y = self.unit_forward(u, &inputs[u])?;
-            inputs.push(y);
+        // Keep mode: every parameter chunk is held on the device for the whole pass and each
+        // unit's graph is kept from the forward pass, so the backward pass recomputes nothing
+        // (what the naive strategy does, with the same activation memory).
+        let all = if self.keep_graph {
+            let all: Vec<usize> = (0..self.n_chunks()).collect();
+            Some(self.mgr.access(&self.refs(&all, Role::Param), Mode::Read)?)
+        } else {
+            None
+        };
+        let mut graphs: Vec<Option<UnitGraph>> = Vec::with_capacity(l + 2);
+        if let Some(pa) = &all {
+            let leaves = (0..self.tids.len())
+                .map(|t| Ok(view_on(pa, self.tids[t], Role::Param, &self.spec.params[t].shape_i64(), self.ordinal)?.tracked()))
+                .collect::<Result<Vec<Tensor>>>()?;
+            for u in 0..l + 2 {
+                let g = self.unit_graph(u, self.unit_tensors[u].iter().map(|&t| leaves[t].shallow_clone()).collect(), &inputs[u]);
+                if u <= l {
+                    inputs.push(g.out.detach());
+                }
+                graphs.push(Some(g));
+            }
+        } else {
+            for u in 0..=l {
+                let y = self.unit_forward(u, &inputs[u])?;
+                inputs.push(y);
+            }
+            graphs.resize_with(l + 2, || None);
         }
         let mut sq = 0.0;
         let mut dy: Option<Tensor> = None;
         let mut loss_value = f64::NAN;
         for j in 0..l + 2 {
             let u = l + 1 - j;
-            let (dx, lv) = self.unit_backward(j, &inputs[u], dy.as_ref(), loss, &mut sq)?;
+            let kept = graphs[u].take();
+            let (dx, lv) = self.unit_backward(j, &inputs[u], kept, dy.as_ref(), loss, &mut sq)?;
             inputs.truncate(u);
             if let Some(v) = lv {
                 loss_value = v;
@@ -475,6 +551,10 @@ impl Chunked {
                     let _ = tx.send(c);
                 }
             }
+        }
+        if let Some(pa) = all {
+            self.sync();
+            pa.release_after_backward();
         }
         Ok((loss_value, sq))
     }
@@ -691,11 +771,12 @@ impl Engine for Chunked {
     fn notes(&self) -> Vec<String> {
         let mut n = self.notes.clone();
         n.push(format!(
-            "chunked: {} chunks per role, model state {} ({}); policy {}; update {}",
+            "chunked: {} chunks per role, model state {} ({}); policy {}; backward {}; update {}",
             self.n_chunks(),
             human(self.footprint.total),
             self.footprint.per_role.iter().map(|(k, v)| format!("{k} {}", human(*v))).collect::<Vec<_>>().join(", "),
             self.copts.policy.name(),
+            if self.keep_graph { "from the forward pass's graph (parameters all on the device)" } else { "recomputes each unit" },
             if self.pipelined { "overlapped with backward" } else { "after backward (needs the global norm)" }
         ));
         n

@@ -27,7 +27,7 @@ fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * a.abs().max(b.abs()).max(1e-6)
 }
 
-fn parity(max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Path>) {
+fn parity(max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Path>, keep_graph: bool) {
     let cfg = GptConfig::parse("3x64x4", 61, 16).unwrap();
     let spec = ModelSpec::new(cfg, HeadKind::Lm);
     let opts = TrainOpts {
@@ -37,9 +37,12 @@ fn parity(max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Pa
         ..TrainOpts::default()
     };
     let mut naive = Naive::new(spec.clone(), tch::Device::Cpu, opts, 5).unwrap();
-    // The device holds about half the model state: chunks stream in and out every step.
+    // The device holds half the model state (keep mode: 16 bytes per parameter, so that every
+    // parameter chunk and a unit's gradients fit at once, padding included, but not the
+    // optimizer state): chunks stream in and out every step.
     let state = spec.numel() * 16;
-    let mut tiers = TiersConfig::default().with_device(DeviceChoice::Simulated, state / 2).with_host_budget(if nvme.is_some() { state / 2 } else { 2 * state });
+    let device = if keep_graph { state } else { state / 2 };
+    let mut tiers = TiersConfig::default().with_device(DeviceChoice::Simulated, device).with_host_budget(if nvme.is_some() { state / 2 } else { 2 * state });
     if let Some(d) = nvme {
         tiers = tiers.with_nvme(NvmeConfig::new(d));
     }
@@ -47,9 +50,11 @@ fn parity(max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Pa
         tiers,
         policy,
         chunk_elems: Some(16 * 1024),
+        keep_graph,
         ..ChunkedOpts::default()
     };
     let mut chunked = Chunked::new(spec.clone(), opts, copts, 5).unwrap();
+    assert_eq!(chunked.keeps_graph(), keep_graph);
     for (i, (x, y)) in batches(61, 20).iter().enumerate() {
         let f = |out: &Tensor| lm_loss(out, y);
         let a = naive.step(x, &f).unwrap();
@@ -84,18 +89,23 @@ fn parity(max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Pa
 
 #[test]
 fn chunked_matches_naive_with_clipping() {
-    parity(Some(1.0), PolicyKind::Auto, None);
+    parity(Some(1.0), PolicyKind::Auto, None, false);
+}
+
+#[test]
+fn chunked_keeping_the_forward_graph_matches_naive() {
+    parity(Some(1.0), PolicyKind::Auto, None, true);
 }
 
 #[test]
 fn chunked_matches_naive_with_updates_overlapping_backward() {
-    parity(None, PolicyKind::Optimal, None);
+    parity(None, PolicyKind::Optimal, None, false);
 }
 
 #[test]
 fn chunked_matches_naive_through_nvme() {
     let dir = tempfile::Builder::new().prefix("stowage-parity").tempdir_in(std::env::var("STOWAGE_SCRATCH").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
-    parity(Some(1.0), PolicyKind::Auto, Some(dir.path()));
+    parity(Some(1.0), PolicyKind::Auto, Some(dir.path()), false);
 }
 
 #[test]

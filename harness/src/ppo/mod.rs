@@ -462,6 +462,10 @@ pub struct PipelineArgs {
     /// Built-in tasks: prompts whose SFT samples make the reward model's training pairs.
     #[arg(long, default_value_t = 4096)]
     pub pairs_prompts: usize,
+    /// The reward model's (and so the critic's) size, when it differs from the policy's
+    /// `--model` (InstructGPT paired a 6B reward model with its policies).
+    #[arg(long)]
+    pub rm_model: Option<String>,
 }
 
 /// `stowage pipeline`: SFT, then the reward model, then PPO, each in `OUT/<stage>`, the report
@@ -490,6 +494,9 @@ pub fn run_pipeline(a: &TrainArgs, l: &PipelineArgs, p: &PpoArgs) -> Result<Valu
     let mut rm = stage("rm", l.rm_steps, l.rm_data.clone());
     rm.eval_every = 0;
     rm.corrupt = 0.0;
+    if let Some(m) = &l.rm_model {
+        rm.model = m.clone();
+    }
     // The reward model learns from the SFT model's own samples ranked by the gold reward (the
     // distribution PPO starts from, sampled as PPO samples), unless told otherwise.
     let pairs = crate::train::PairArgs {

@@ -252,15 +252,29 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
     let _ = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
     let held = if cuda { Some(ballast(c.budget)?) } else { None };
     let baseline = rss_of(std::process::id()).unwrap_or(0);
-    let act = activation_bytes(&cfg, c.workload, a.strategy, a.batch_size);
+    let mut act = activation_bytes(&cfg, c.workload, a.strategy, a.batch_size);
     if a.strategy == Strategy::Chunked && a.device_budget.is_none() {
         let margin = c.budget / 16 + (64 << 20);
-        if cuda {
-            let dev = c.budget.checked_sub(act + margin).filter(|&x| x > 0);
-            a.device_budget = Some(dev.ok_or_else(|| no_room(c.budget, 0, act, margin))?);
+        let base = if cuda { 0 } else { baseline };
+        // On a CPU the device and host tiers share the budget half and half. Keep mode (no
+        // recompute) needs every parameter chunk of a trainable model on the device and the
+        // naive strategy's activations: take it where both fit, else recompute.
+        let dev_share = |chunks: u64| if cuda { chunks } else { chunks / 2 };
+        let trainable_share = if c.workload == Workload::Ppo { 1.0 / 3.0 } else { 1.0 };
+        let act_keep = activation_bytes(&cfg, c.workload, Strategy::Naive, a.batch_size);
+        let dsize = a.compute_dtype().size() as u64;
+        let block = 12 * (cfg.n_embd as u64).pow(2) + 13 * cfg.n_embd as u64;
+        let keep_needs = (ModelSpec::new(cfg.clone(), HeadKind::Lm).numel() * dsize + 2 * block * dsize) * 5 / 4;
+        let keep_room = c.budget.checked_sub(base + act_keep + margin).unwrap_or(0);
+        let keep = !a.recompute && (dev_share(keep_room) as f64 * trainable_share) as u64 >= keep_needs;
+        if keep {
+            act = act_keep;
         } else {
-            let chunks = c.budget.checked_sub(baseline + act + margin).filter(|&x| x > 0).ok_or_else(|| no_room(c.budget, baseline, act, margin))?;
-            a.device_budget = Some(chunks / 2);
+            a.recompute = true;
+        }
+        let chunks = c.budget.checked_sub(base + act + margin).filter(|&x| x > 0).ok_or_else(|| no_room(c.budget, base, act, margin))?;
+        a.device_budget = Some(dev_share(chunks));
+        if !cuda {
             a.host_budget = Some(chunks - chunks / 2);
         }
     }
@@ -306,6 +320,7 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
         "peak_bytes": peak,
         "baseline_rss_bytes": baseline,
         "activation_estimate_bytes": act,
+        "recompute": a.recompute,
         "device_budget": a.device_budget,
         "host_budget": a.host_budget,
         "step_s": step_s,

@@ -1,7 +1,11 @@
 //! Checkpoints: `model.safetensors` with Hugging Face GPT-2 tensor names (fp32), the optimizer's
 //! moments in `optimizer.safetensors`, and `config.json` (the model's shape, head, tokenizer and
 //! the training position). Files are written atomically (temporary file with mode 0600, fsync,
-//! rename, fsync of the directory), so a crash leaves the previous checkpoint whole.
+//! rename, fsync of the directory), and a training checkpoint is committed as a set: its files
+//! go to a temporary directory that then replaces the old one by renames (the old one kept as
+//! `.NAME.prev` until the new one is in place), so a crash at any point leaves one whole
+//! checkpoint, never a model from one step with the optimizer of another (`recover` finishes an
+//! interrupted swap).
 //!
 //! Loading accepts GPT-2 weights as `transformers` saves them (`transformer.` prefixes, the
 //! attention-mask buffers and a tied `lm_head.weight` are skipped) and rejects tensors whose
@@ -9,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -28,9 +32,17 @@ pub struct CkptConfig {
     /// Optimizer steps taken.
     pub step: u64,
     pub seed: u64,
-    /// Loss-scaler scale, when fp16 training used one.
+    /// The fp16 loss scaler's state, when training used one.
     #[serde(default)]
-    pub loss_scale: Option<f32>,
+    pub scaler: Option<ScalerState>,
+}
+
+/// What a dynamic loss scaler needs to carry on exactly where it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScalerState {
+    pub scale: f32,
+    pub clean_steps: u32,
+    pub hysteresis_left: u32,
 }
 
 fn ckerr(path: &Path, msg: impl Into<String>) -> HarnessError {
@@ -109,6 +121,75 @@ pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(out)
 }
 
+fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
+    let name = dir.file_name().ok_or_else(|| ckerr(dir, "not a directory path"))?.to_string_lossy().into_owned();
+    Ok(dir.with_file_name(format!(".{name}.{tag}")))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes a checkpoint directory as one unit: `fill` writes the files into a fresh temporary
+/// directory, which then takes `dir`'s place. A crash before the final rename leaves the old
+/// checkpoint (as `dir`, or as `.NAME.prev` for `recover` to restore).
+pub fn commit_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    std::fs::create_dir_all(&parent).map_err(|e| HarnessError::io("creating", &parent, e))?;
+    recover(dir)?;
+    let tmp = sibling(dir, &format!("tmp-{}", std::process::id()))?;
+    let prev = sibling(dir, "prev")?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| HarnessError::io("removing", &tmp, e))?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| HarnessError::io("creating", &tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let r = (|| -> std::io::Result<()> {
+        if dir.exists() {
+            std::fs::rename(dir, &prev)?;
+        }
+        std::fs::rename(&tmp, dir)?;
+        sync_dir(&parent)?;
+        if prev.exists() {
+            std::fs::remove_dir_all(&prev)?;
+        }
+        Ok(())
+    })();
+    r.map_err(|e| HarnessError::io("committing checkpoint", dir, e))
+}
+
+/// Finishes a swap `commit_dir` was interrupted in: restores `.NAME.prev` when `dir` is
+/// missing, drops it when `dir` is whole, and removes temporary directories left by dead
+/// writers. Returns whether it restored the previous checkpoint.
+pub fn recover(dir: &Path) -> Result<bool> {
+    let prev = sibling(dir, "prev")?;
+    let mut restored = false;
+    if prev.exists() {
+        if dir.exists() {
+            std::fs::remove_dir_all(&prev).map_err(|e| HarnessError::io("removing", &prev, e))?;
+        } else {
+            std::fs::rename(&prev, dir).map_err(|e| HarnessError::io("restoring", dir, e))?;
+            restored = true;
+        }
+    }
+    if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
+        let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        let stem = format!(".{}.tmp-", name.to_string_lossy());
+        for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let pid = n.strip_prefix(&stem).and_then(|p| p.parse::<u32>().ok());
+            // Another live process may be writing its own; only dead writers' are removed.
+            if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(restored)
+}
+
 /// Paths of a checkpoint directory's files.
 pub struct CkptPaths {
     pub dir: PathBuf,
@@ -155,6 +236,36 @@ mod tests {
         let m = load_tensors(&p).unwrap();
         assert_eq!(m.keys().collect::<Vec<_>>(), vec!["wte.weight"]);
         assert!(m["wte.weight"].equal(&a));
+    }
+
+    #[test]
+    fn a_checkpoint_is_replaced_as_a_whole_and_an_interrupted_swap_recovers() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("checkpoint");
+        let put = |v: &'static [u8]| move |t: &Path| write_atomic(&t.join("a"), v).and_then(|_| write_atomic(&t.join("b"), v));
+        commit_dir(&dir, put(b"1")).unwrap();
+        commit_dir(&dir, put(b"2")).unwrap();
+        assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"2");
+        assert_eq!(std::fs::read(dir.join("b")).unwrap(), b"2");
+        // A writer that fails half-way leaves the old set alone and no temporary directory.
+        let e = commit_dir(&dir, |t: &Path| {
+            write_atomic(&t.join("a"), b"3")?;
+            Err(ckerr(t, "disk full"))
+        });
+        assert!(e.is_err());
+        assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"2");
+        let names: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, vec!["checkpoint"]);
+        // A crash between the two renames: only `.checkpoint.prev` is left, and a dead writer's
+        // temporary directory.
+        let prev = d.path().join(".checkpoint.prev");
+        std::fs::rename(&dir, &prev).unwrap();
+        let dead = d.path().join(".checkpoint.tmp-999999999");
+        std::fs::create_dir(&dead).unwrap();
+        assert!(recover(&dir).unwrap());
+        assert_eq!(std::fs::read(dir.join("b")).unwrap(), b"2");
+        assert!(!prev.exists() && !dead.exists());
+        assert!(!recover(&dir).unwrap());
     }
 
     #[test]

@@ -167,6 +167,11 @@ pub struct TrainArgs {
     /// No progress bar (logs stay).
     #[arg(long)]
     pub quiet: bool,
+    /// Chunked strategy: always recompute each unit in the backward pass (one unit's
+    /// activations live at a time). By default a model whose parameter chunks all fit on the
+    /// device keeps the forward pass's graphs instead, as the naive strategy does.
+    #[arg(long)]
+    pub recompute: bool,
     /// Write a Chrome trace (opens in Perfetto) of the chunked strategy's compute spans and
     /// transfers, one track per link, one process per model; the summary prints the share of
     /// transfer time hidden under compute (`stowage pipeline`: one file per stage,
@@ -252,6 +257,7 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
                 policy,
                 chunk_elems: a.chunk_elems,
                 trace: a.trace.is_some(),
+                keep_graph: !a.recompute,
                 ..ChunkedOpts::default()
             };
             Box::new(Chunked::new(spec, opts, copts, a.seed)?)
@@ -500,6 +506,9 @@ fn model_config(a: &TrainArgs, tok: &Tokenizer) -> Result<GptConfig> {
 fn load_start(a: &TrainArgs, e: &mut dyn Engine, head: HeadKind, run: &Path) -> Result<u64> {
     if a.resume {
         let p = CkptPaths::new(run.join("checkpoint"));
+        if crate::ckpt::recover(&p.dir)? {
+            eprintln!("note: {}: a checkpoint swap was interrupted; resuming from the previous checkpoint", p.dir.display());
+        }
         let c = p.read_config()?;
         if c.head != head || c.model != e.spec().cfg {
             return Err(HarnessError::Config(format!("--resume: {} holds a different model ({} {:?})", p.dir.display(), c.model.name, c.head)));
@@ -509,6 +518,9 @@ fn load_start(a: &TrainArgs, e: &mut dyn Engine, head: HeadKind, run: &Path) -> 
         e.import(&w)?;
         let o = load_tensors(&p.optimizer())?;
         e.import_optimizer(c.step, &o)?;
+        if let Some(st) = c.scaler {
+            e.set_scaler_state(st);
+        }
         return Ok(c.step);
     }
     if let Some(init) = &a.init {
@@ -542,18 +554,22 @@ fn check_complete(e: &dyn Engine, w: &BTreeMap<String, Tensor>, path: &Path) -> 
 
 /// Saves weights, moments and config under `dir`.
 pub fn save_checkpoint(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|er| HarnessError::io("creating checkpoint directory", dir, er))?;
-    let p = CkptPaths::new(dir);
-    save_tensors(&p.model(), &e.export()?)?;
+    let model = e.export()?;
     let (step, opt) = e.export_optimizer()?;
-    save_tensors(&p.optimizer(), &opt)?;
-    p.write_config(&CkptConfig {
+    let cfg = CkptConfig {
         model: e.spec().cfg.clone(),
         head: e.spec().head,
         tokenizer: tok,
         step,
         seed,
-        loss_scale: None,
+        scaler: e.scaler_state(),
+    };
+    // The three files are one checkpoint: committed together or not at all.
+    crate::ckpt::commit_dir(dir, |tmp| {
+        let p = CkptPaths::new(tmp);
+        save_tensors(&p.model(), &model)?;
+        save_tensors(&p.optimizer(), &opt)?;
+        p.write_config(&cfg)
     })
 }
 

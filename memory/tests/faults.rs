@@ -225,3 +225,24 @@ fn a_really_full_disk_refuses_new_swap_space_with_no_space() {
         assert!(got == pattern(i, SLOT), "chunk {i} still reads correctly");
     }
 }
+
+#[test]
+fn swap_files_of_a_killed_process_are_removed_when_the_tier_opens() {
+    let dir = scratch();
+    // A process killed with SIGKILL never removes its swap files. Pids above the kernel's
+    // maximum (4194304) never run.
+    let stale = dir.path().join("stowage-999999999-0-0.slots");
+    std::fs::write(&stale, vec![7u8; 8192]).unwrap();
+    // A live process's files (this test's parent), unrelated files and look-alikes stay.
+    let live = dir.path().join(format!("stowage-{}-0-0.slots", std::os::unix::process::parent_id()));
+    let keep = [live, dir.path().join("notes.txt"), dir.path().join("stowage-999999999-x-0.slots")];
+    for k in &keep {
+        std::fs::write(k, b"keep").unwrap();
+    }
+    let t = tiers(dir.path(), EngineKind::Psync, 4);
+    assert!(!stale.exists(), "the dead process's swap file is removed");
+    for k in &keep {
+        assert!(k.exists(), "{} must stay", k.display());
+    }
+    assert!(t.notes().iter().any(|n| n.contains("removed 1 swap files (8192 bytes)")), "{:?}", t.notes());
+}

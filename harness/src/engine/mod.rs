@@ -124,6 +124,10 @@ pub trait Engine {
     fn steps(&self) -> u64;
     /// Sets the learning rate of the next steps (schedules).
     fn set_lr(&mut self, lr: f32);
+    /// The fp16 loss scaler's state (None without one), for checkpoints.
+    fn scaler_state(&self) -> Option<crate::ckpt::ScalerState>;
+    /// Restores the loss scaler's state from a checkpoint (ignored without a scaler).
+    fn set_scaler_state(&mut self, s: crate::ckpt::ScalerState);
     /// A notice for the user (fallbacks taken), if any.
     fn notes(&self) -> Vec<String> {
         Vec::new()
@@ -149,6 +153,22 @@ pub(crate) fn plan(sq: f64, scaler: Option<&mut LossScaler>, max_norm: Option<f3
         return (None, norm);
     }
     (Some(stowage_memory::optim::grad_multiplier(sq, scale, max_norm)), norm)
+}
+
+pub(crate) fn scaler_state(s: Option<&LossScaler>) -> Option<crate::ckpt::ScalerState> {
+    s.map(|s| crate::ckpt::ScalerState {
+        scale: s.scale,
+        clean_steps: s.clean_steps,
+        hysteresis_left: s.hysteresis_left,
+    })
+}
+
+pub(crate) fn set_scaler_state(s: Option<&mut LossScaler>, st: crate::ckpt::ScalerState) {
+    if let Some(s) = s {
+        s.scale = st.scale;
+        s.clean_steps = st.clean_steps;
+        s.hysteresis_left = st.hysteresis_left;
+    }
 }
 
 /// The error of a training call on an inference-only model.

@@ -181,6 +181,14 @@ impl Engine for Naive {
         self.step
     }
 
+    fn scaler_state(&self) -> Option<crate::ckpt::ScalerState> {
+        super::scaler_state(self.scaler.as_ref())
+    }
+
+    fn set_scaler_state(&mut self, st: crate::ckpt::ScalerState) {
+        super::set_scaler_state(self.scaler.as_mut(), st);
+    }
+
     fn set_lr(&mut self, lr: f32) {
         self.opts.adam.lr = lr;
     }

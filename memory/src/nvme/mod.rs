@@ -125,6 +125,35 @@ pub(crate) struct Nvme {
 
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
 
+/// The process id in a swap file's name (`stowage-PID-INSTANCE-ARENA.slots`).
+fn swap_file_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("stowage-")?.strip_suffix(".slots")?;
+    let mut parts = rest.split('-');
+    let pid = parts.next()?.parse().ok()?;
+    let numeric = parts.by_ref().take(2).filter(|p| p.parse::<u64>().is_ok()).count() == 2;
+    (numeric && parts.next().is_none()).then_some(pid)
+}
+
+/// Removes swap files in `dir` whose process is gone (killed before it could remove them):
+/// swap files are scratch, so a crash must not leak the disk. Returns (files, bytes) removed.
+fn sweep_stale(dir: &Path) -> (usize, u64) {
+    let (mut n, mut bytes) = (0, 0);
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = swap_file_pid(&name) else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        // Only plain files: never follow or remove a symlink planted under that name.
+        let Ok(m) = e.path().symlink_metadata() else { continue };
+        if m.is_file() && std::fs::remove_file(e.path()).is_ok() {
+            n += 1;
+            bytes += m.len();
+        }
+    }
+    (n, bytes)
+}
+
 impl Nvme {
     pub(crate) fn open(cfg: &NvmeConfig) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&cfg.dir).map_err(|e| Error::io(IoOp::Open, &cfg.dir, 0, e))?;
@@ -136,6 +165,10 @@ impl Nvme {
             ));
         }
         let mut notes = Vec::new();
+        let (n, bytes) = sweep_stale(&cfg.dir);
+        if n > 0 {
+            notes.push(format!("removed {n} swap files ({bytes} bytes) left in {} by processes that no longer run", cfg.dir.display()));
+        }
         let direct = if cfg.direct && cfg.engine != EngineKind::Mmap {
             match probe::probe_direct(&cfg.dir).map_err(|e| Error::io(IoOp::Probe, &cfg.dir, 0, e))? {
                 Ok(d) => Some(d),

@@ -265,7 +265,7 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
         let dsize = a.compute_dtype().size() as u64;
         let block = 12 * (cfg.n_embd as u64).pow(2) + 13 * cfg.n_embd as u64;
         let keep_needs = (ModelSpec::new(cfg.clone(), HeadKind::Lm).numel() * dsize + 2 * block * dsize) * 5 / 4;
-        let keep_room = c.budget.checked_sub(base + act_keep + margin).unwrap_or(0);
+        let keep_room = c.budget.saturating_sub(base + act_keep + margin);
         let keep = !a.recompute && (dev_share(keep_room) as f64 * trainable_share) as u64 >= keep_needs;
         if keep {
             act = act_keep;

@@ -134,6 +134,10 @@ pub struct RunRecord {
     pub tokens_per_s: Option<f64>,
     pub flops_per_s: Option<f64>,
     pub bytes_moved: Value,
+    /// Share of chunk-transfer time hidden under compute (chunked runs with transfers).
+    pub transfer_hidden_share: Option<f64>,
+    /// PPO: transfer seconds and hidden share per phase (experience, update).
+    pub hidden_by_phase: Value,
     pub budget_bytes: u64,
     pub wall_s: f64,
 }
@@ -195,7 +199,13 @@ pub fn activation_bytes(cfg: &GptConfig, w: Workload, strategy: Strategy, batch:
         Strategy::Chunked => layer + 4 * l * n * d,
     };
     let kv = if w == Workload::Ppo { 2 * 4 * l * n * d } else { 0 };
-    body + logits + kv
+    // The chunked strategy's backward pass also holds one block's parameter gradients as
+    // autograd returns them, before they are copied into their chunks.
+    let grads = match strategy {
+        Strategy::Naive => 0,
+        Strategy::Chunked => 4 * (12 * d * d + 13 * d),
+    };
+    body + logits + kv + grads
 }
 
 fn random_tokens(rows: usize, t: usize, vocab: usize, seed: u64) -> Tensor {
@@ -254,7 +264,9 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
     let baseline = rss_of(std::process::id()).unwrap_or(0);
     let mut act = activation_bytes(&cfg, c.workload, a.strategy, a.batch_size);
     if a.strategy == Strategy::Chunked && a.device_budget.is_none() {
-        let margin = c.budget / 16 + (64 << 20);
+        // Allocator slack, partly filled arenas, libtorch's temporaries: measured at 0.5-0.9
+        // GiB over the chunk budgets and activations on a 4 GiB PPO run.
+        let margin = c.budget / 8 + (64 << 20);
         let base = if cuda { 0 } else { baseline };
         // On a CPU the device and host tiers share the budget half and half. Keep mode (no
         // recompute) needs every parameter chunk of a trainable model on the device and the
@@ -278,12 +290,21 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
             a.host_budget = Some(chunks - chunks / 2);
         }
     }
+    if a.strategy == Strategy::Chunked {
+        // The timeline gives the share of transfer time hidden under compute.
+        a.trace = Some(a.out.join("trace.json"));
+    }
     let mut notes = Vec::new();
     let mut job = match c.workload {
         Workload::Sft => Job::One(crate::train::build_engine(&a, cfg.clone(), HeadKind::Lm, &mut notes)?),
         Workload::Rm => Job::One(crate::train::build_engine(&a, cfg.clone(), HeadKind::Score, &mut notes)?),
         Workload::Ppo => Job::Ppo(Box::new(crate::ppo::new_models(&a, c.ppo.critic_lr, [&cfg, &cfg, &cfg], &mut notes)?)),
     };
+    eprintln!("models built: resident {}; {}", rss_line(), tiers_line(&job));
+    // The timeline (and the hidden share) covers the training steps, not initialisation.
+    for e in job.engines() {
+        e.reset_trace();
+    }
     let params: u64 = ModelSpec::new(cfg.clone(), HeadKind::Lm).numel();
     let params_total: u64 = job.engines().iter().map(|e| e.spec().numel()).sum();
     let mut times = Vec::new();
@@ -291,15 +312,18 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
     let mut norm = crate::ppo::algo::RunningMoments::default();
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed);
     let mut gpu_peak = 0u64;
+    // PPO phases in the trace's time base: experience (generation and the four models'
+    // forward passes) and update.
+    let mut windows: Vec<(&'static str, f64, f64)> = Vec::new();
     for s in 0..a.steps {
         let t0 = Instant::now();
-        tokens = step(&mut job, c, &a, &tok, s, &mut norm, &mut rng)?;
+        tokens = step(&mut job, c, &a, &tok, s, &mut norm, &mut rng, &mut windows)?;
         times.push(t0.elapsed().as_secs_f64());
         if let Some((_, total)) = &held {
             let (free, _) = stowage_memory::device::cuda_memory(0)?;
             gpu_peak = gpu_peak.max(total - free);
         }
-        eprintln!("step {} of {}: {:.2} s", s + 1, a.steps, times[times.len() - 1]);
+        eprintln!("step {} of {}: {:.2} s; resident {}; {}", s + 1, a.steps, times[times.len() - 1], rss_line(), tiers_line(&job));
     }
     let timed: Vec<f64> = if times.len() > 1 { times[1..].to_vec() } else { times.clone() };
     let step_s = median(&timed);
@@ -309,6 +333,27 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
             *moved.entry(k).or_default() += v;
         }
     }
+    let names = ["actor", "critic", "reference", "reward"];
+    let named: Vec<(&str, &dyn Engine)> = job.engines().into_iter().enumerate().map(|(i, e)| (if c.workload == Workload::Ppo { names[i] } else { c.workload.name() }, e)).collect();
+    let mut phases = serde_json::Map::new();
+    let hidden = match (crate::train::merged_trace(&named), &a.trace) {
+        (Some((t, o)), Some(path)) => {
+            let events = t["traceEvents"].as_array().cloned().unwrap_or_default();
+            for phase in ["experience", "update"] {
+                let mut sum = stowage_memory::manager::trace::Overlap::default();
+                for &(_, from, to) in windows.iter().filter(|w| w.0 == phase) {
+                    sum = sum + crate::train::trace_overlap(&events, from, to);
+                }
+                if sum.transfer_us > 0.0 {
+                    phases.insert(phase.into(), json!({"transfer_s": sum.transfer_us / 1e6, "hidden_share": sum.share()}));
+                }
+            }
+            std::fs::create_dir_all(&a.out).map_err(|e| HarnessError::io("creating", &a.out, e))?;
+            crate::ckpt::write_atomic(path, &serde_json::to_vec(&t).map_err(|e| HarnessError::Config(e.to_string()))?)?;
+            o.share()
+        }
+        _ => None,
+    };
     let peak = match &held {
         Some((b, _)) => gpu_peak.saturating_sub(b.numel() as u64),
         None => crate::train::peak_rss_bytes(),
@@ -328,10 +373,29 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
         "tokens_per_s": tok_per_step / step_s.max(1e-12),
         "flops_per_s": step_flops(c.workload, params, &tokens) / step_s.max(1e-12),
         "bytes_moved": moved,
+        "transfer_hidden_share": hidden,
+        "hidden_by_phase": phases,
         "notes": notes,
     });
     crate::ckpt::write_atomic(&c.result, out.to_string().as_bytes())?;
     Ok(out)
+}
+
+fn rss_line() -> String {
+    let me = "/proc/self/status";
+    let g = |k| status_field(me, k).map_or("?".into(), crate::engine::chunked::human);
+    format!("{} (peak {})", g("VmRSS:"), g("VmHWM:"))
+}
+
+/// Chunk bytes in use per tier over the run's models.
+fn tiers_line(job: &Job) -> String {
+    let mut used = std::collections::BTreeMap::<String, u64>::new();
+    for e in job.engines() {
+        for (k, v) in e.memory().tiers {
+            *used.entry(k).or_default() += v["used"].as_u64().unwrap_or(0);
+        }
+    }
+    used.iter().map(|(k, v)| format!("{k} {}", crate::engine::chunked::human(*v))).collect::<Vec<_>>().join(", ")
 }
 
 fn no_room(budget: u64, baseline: u64, act: u64, margin: u64) -> HarnessError {
@@ -356,7 +420,8 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// One step of the workload on random tokens.
-fn step(job: &mut Job, c: &RunArgs, a: &TrainArgs, tok: &Tokenizer, s: u64, norm: &mut crate::ppo::algo::RunningMoments, rng: &mut rand_chacha::ChaCha8Rng) -> Result<StepTokens> {
+#[allow(clippy::too_many_arguments)]
+fn step(job: &mut Job, c: &RunArgs, a: &TrainArgs, tok: &Tokenizer, s: u64, norm: &mut crate::ppo::algo::RunningMoments, rng: &mut rand_chacha::ChaCha8Rng, windows: &mut Vec<(&'static str, f64, f64)>) -> Result<StepTokens> {
     let (b, t) = (a.batch_size, a.ctx);
     let vocab = tok.vocab();
     match job {
@@ -379,8 +444,12 @@ fn step(job: &mut Job, c: &RunArgs, a: &TrainArgs, tok: &Tokenizer, s: u64, norm
             let new = c.ppo.max_new.min(t.saturating_sub(2)).max(1);
             let plen = t - new - 1;
             let prompts: Vec<String> = (0..b).map(|_| (0..plen).map(|_| char::from(b'a' + rng.gen_range(0..26u8))).collect()).collect();
+            let t0 = stowage_memory::manager::trace::now_us();
             let x = crate::ppo::collect(m, tok, &c.ppo, &prompts, c.ppo.kl_coef, norm, rng)?;
+            let t1 = stowage_memory::manager::trace::now_us();
             crate::ppo::update_epochs(m, &x, &c.ppo, rng, &mut |_, _| None)?;
+            windows.push(("experience", t0, t1));
+            windows.push(("update", t1, stowage_memory::manager::trace::now_us()));
             let seq = x.ids.size()[1] as u64;
             let passes = (c.ppo.ppo_epochs.max(1)) as u64;
             Ok(StepTokens {
@@ -484,6 +553,8 @@ fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, idx: usize, bar: &
         tokens_per_s: None,
         flops_per_s: None,
         bytes_moved: json!({}),
+        transfer_hidden_share: None,
+        hidden_by_phase: json!({}),
         budget_bytes: a.budget,
         wall_s,
     };
@@ -497,6 +568,8 @@ fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, idx: usize, bar: &
             rec.tokens_per_s = r["tokens_per_s"].as_f64();
             rec.flops_per_s = r["flops_per_s"].as_f64();
             rec.bytes_moved = r["bytes_moved"].clone();
+            rec.transfer_hidden_share = r["transfer_hidden_share"].as_f64();
+            rec.hidden_by_phase = r["hidden_by_phase"].clone();
             rec.fits = rec.peak_bytes <= a.budget;
             if !rec.fits {
                 rec.reason = Some(format!("peak {} > budget", crate::engine::chunked::human(rec.peak_bytes)));
@@ -604,6 +677,8 @@ fn skipped(a: &CapacityArgs, s: Strategy, m: &str, tok: &Tokenizer, smaller: &st
         tokens_per_s: None,
         flops_per_s: None,
         bytes_moved: json!({}),
+        transfer_hidden_share: None,
+        hidden_by_phase: json!({}),
         budget_bytes: a.budget,
         wall_s: 0.0,
     })
@@ -634,14 +709,14 @@ pub fn table(a: &CapacityArgs, runs: &[RunRecord]) -> String {
         if a.task == Workload::Ppo { format!(" ({} generated)", a.max_new) } else { String::new() },
         a.dtype
     );
-    let _ = writeln!(s, "| strategy | model | params | fits | peak | step s | tokens/s | GFLOP/s | moved | note |");
-    let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "| strategy | model | params | fits | peak | step s | tokens/s | GFLOP/s | moved | hidden | note |");
+    let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|");
     for r in runs {
         let moved: u64 = r.bytes_moved.as_object().map_or(0, |o| o.values().filter_map(Value::as_u64).sum());
         let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1}M | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.1}M | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.strategy,
             r.model,
             r.params as f64 / 1e6,
@@ -651,10 +726,11 @@ pub fn table(a: &CapacityArgs, runs: &[RunRecord]) -> String {
             f(r.tokens_per_s, 1),
             f(r.flops_per_s.map(|x| x / 1e9), 1),
             if moved > 0 { human(moved) } else { "-".into() },
+            r.transfer_hidden_share.map_or("-".into(), |h| format!("{:.0}%", 100.0 * h)),
             r.reason.clone().unwrap_or_default().replace('|', "/")
         );
     }
-    let _ = writeln!(s, "\n{}\n", flops_formula(a.task));
+    let _ = writeln!(s, "\n{}; moved: bytes over every link (device, host, NVMe) in all steps; hidden: share of transfer time under compute (chunk transfers against compute spans, from the run's timeline).\n", flops_formula(a.task));
     let (n, c) = (capacity(runs, "naive"), capacity(runs, "chunked"));
     for (name, cap) in [("naive", n), ("chunked", c)] {
         if let Some(p) = cap {
@@ -663,6 +739,15 @@ pub fn table(a: &CapacityArgs, runs: &[RunRecord]) -> String {
     }
     if let (Some(n), Some(c)) = (n, c) {
         let _ = writeln!(s, "- chunked / naive capacity: {:.1}x", c as f64 / n as f64);
+    }
+    for r in runs.iter().filter(|r| r.fits) {
+        if let Some(o) = r.hidden_by_phase.as_object().filter(|o| !o.is_empty()) {
+            let parts: Vec<String> = o
+                .iter()
+                .map(|(k, v)| format!("{k} {:.0}% of {:.1} s", 100.0 * v["hidden_share"].as_f64().unwrap_or(0.0), v["transfer_s"].as_f64().unwrap_or(0.0)))
+                .collect();
+            let _ = writeln!(s, "- {} {}: transfer time hidden per phase: {}", r.strategy, r.model, parts.join(", "));
+        }
     }
     for r in runs.iter().filter(|r| r.strategy == "chunked" && r.fits) {
         if let Some(nv) = runs.iter().find(|x| x.strategy == "naive" && x.model == r.model && x.fits) {
@@ -691,6 +776,8 @@ mod tests {
             tokens_per_s: None,
             flops_per_s: None,
             bytes_moved: json!({"nvme->device": 1 << 20}),
+            transfer_hidden_share: fits.then_some(0.9),
+            hidden_by_phase: json!({}),
             budget_bytes: 1 << 30,
             wall_s: 1.0,
         }
@@ -705,7 +792,7 @@ mod tests {
         let layer = 2 * 256 * (34 * 768 + 5 * 12 * 64);
         let logits = 12 * 256 * 256;
         assert_eq!(naive, 12 * layer + logits);
-        assert_eq!(chunked, layer + 4 * 12 * 256 * 768 + logits);
+        assert_eq!(chunked, layer + 4 * 12 * 256 * 768 + logits + 4 * (12 * 768 * 768 + 13 * 768));
         // Reward models see pairs: twice the rows.
         assert!(activation_bytes(&c, Workload::Rm, Strategy::Naive, 4) == 2 * naive);
         assert!(activation_bytes(&c, Workload::Ppo, Strategy::Chunked, 4) > chunked, "the KV cache");

@@ -193,17 +193,34 @@ pub fn init_tensor(spec: &ParamSpec, seed: u64, index: usize) -> Tensor {
     let opts = (Kind::Float, tch::Device::Cpu);
     match spec.init {
         Init::Normal(std) => {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(index as u64);
-            let mut v = Vec::with_capacity(n + 1);
-            // Box-Muller: two normals per pair of uniforms.
-            while v.len() < n {
-                let u1: f64 = 1.0 - rng.gen::<f64>();
-                let u2: f64 = rng.gen::<f64>();
-                let r = (-2.0 * u1.ln()).sqrt() * std;
-                let a = std::f64::consts::TAU * u2;
-                v.push((r * a.cos()) as f32);
-                v.push((r * a.sin()) as f32);
+            // Box-Muller: two normals per pair of uniforms, each uniform one 64-bit draw (two
+            // ChaCha words), so pair k starts at word 4k: large tensors are drawn by several
+            // threads, each seeking to its first pair, with the values of one sequential pass.
+            let mut v = vec![0f32; n.div_ceil(2) * 2];
+            let fill = |out: &mut [f32], first_pair: usize| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(index as u64);
+                rng.set_word_pos(4 * first_pair as u128);
+                for pair in out.chunks_exact_mut(2) {
+                    let u1: f64 = 1.0 - rng.gen::<f64>();
+                    let u2: f64 = rng.gen::<f64>();
+                    let r = (-2.0 * u1.ln()).sqrt() * std;
+                    let a = std::f64::consts::TAU * u2;
+                    pair[0] = (r * a.cos()) as f32;
+                    pair[1] = (r * a.sin()) as f32;
+                }
+            };
+            let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(v.len() / (1 << 20)).max(1);
+            if threads == 1 {
+                fill(&mut v, 0);
+            } else {
+                let per = (v.len() / 2).div_ceil(threads) * 2;
+                std::thread::scope(|s| {
+                    for (k, part) in v.chunks_mut(per).enumerate() {
+                        let fill = &fill;
+                        s.spawn(move || fill(part, k * per / 2));
+                    }
+                });
             }
             v.truncate(n);
             Tensor::from_slice(&v).reshape(shape.as_slice())
@@ -333,6 +350,32 @@ mod tests {
         assert_eq!(specs[head].name, "score.weight");
         let h = init_tensor(&specs[head], 1, head);
         assert!((h.std(true).double_value(&[]) * 257f64.sqrt() - 1.0).abs() < 0.2);
+    }
+
+    #[test]
+    fn a_large_tensor_drawn_by_threads_equals_one_sequential_pass() {
+        use rand::{Rng, SeedableRng};
+        // 3M + 1 elements (odd, several threads' worth) drawn the plain sequential way.
+        let spec = ParamSpec {
+            name: "w".into(),
+            shape: vec![3 << 20 | 1],
+            init: Init::Normal(0.5),
+            unit: Unit::Block(0),
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        rng.set_stream(4);
+        let mut want = Vec::new();
+        while want.len() < spec.numel() {
+            let u1: f64 = 1.0 - rng.gen::<f64>();
+            let u2: f64 = rng.gen::<f64>();
+            let r = (-2.0 * u1.ln()).sqrt() * 0.5;
+            let a = std::f64::consts::TAU * u2;
+            want.push((r * a.cos()) as f32);
+            want.push((r * a.sin()) as f32);
+        }
+        want.truncate(spec.numel());
+        let got: Vec<f32> = Vec::try_from(&init_tensor(&spec, 9, 4)).unwrap();
+        assert!(got == want, "the threaded draw differs from the sequential one");
     }
 
     #[test]

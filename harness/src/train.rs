@@ -267,15 +267,13 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
     Ok(e)
 }
 
-/// Writes `a.trace` (when asked) from `engines`' timelines, one Chrome-trace process per model,
-/// prints the hidden share and returns it for the report (None without transfers).
-pub fn write_trace(a: &TrainArgs, engines: &[(&str, &dyn Engine)], run: &Run) -> Result<Option<f64>> {
-    let Some(path) = &a.trace else { return Ok(None) };
+/// The engines' timelines as one Chrome trace, one process per model, and the transfer/compute
+/// overlap over all of them (one model's transfers hidden under another's compute count);
+/// None when no engine recorded one.
+pub fn merged_trace(engines: &[(&str, &dyn Engine)]) -> Option<(Value, stowage_memory::manager::trace::Overlap)> {
     let mut events = Vec::new();
-    let mut total = stowage_memory::manager::trace::Overlap::default();
     for (pid, (name, e)) in engines.iter().enumerate() {
-        let Some((trace, o)) = e.trace() else { continue };
-        total = total + o;
+        let Some((trace, _)) = e.trace() else { continue };
         let pid = pid as u64 + 1;
         events.push(json!({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}));
         for mut ev in trace["traceEvents"].as_array().cloned().unwrap_or_default() {
@@ -284,10 +282,33 @@ pub fn write_trace(a: &TrainArgs, engines: &[(&str, &dyn Engine)], run: &Run) ->
         }
     }
     if events.is_empty() {
+        return None;
+    }
+    let total = trace_overlap(&events, f64::MIN, f64::MAX);
+    Some((json!({"traceEvents": events, "displayTimeUnit": "ms"}), total))
+}
+
+/// The overlap of the transfers that start in `[from_us, to_us)` with every compute span, over
+/// Chrome-trace `events` (`cat` "compute" or "transfer"; times in the shared trace time base).
+pub fn trace_overlap(events: &[Value], from_us: f64, to_us: f64) -> stowage_memory::manager::trace::Overlap {
+    let span = |e: &Value| -> Option<(f64, f64)> {
+        let ts = e["ts"].as_f64()?;
+        Some((ts, ts + e["dur"].as_f64()?))
+    };
+    let compute: Vec<(f64, f64)> = events.iter().filter(|e| e["cat"] == "compute").filter_map(span).collect();
+    let transfers: Vec<(f64, f64)> = events.iter().filter(|e| e["cat"] == "transfer").filter_map(span).filter(|s| s.0 >= from_us && s.0 < to_us).collect();
+    stowage_memory::manager::trace::overlap_of(compute, transfers)
+}
+
+/// Writes `a.trace` (when asked) from `engines`' timelines, one Chrome-trace process per model,
+/// prints the hidden share and returns it for the report (None without transfers).
+pub fn write_trace(a: &TrainArgs, engines: &[(&str, &dyn Engine)], run: &Run) -> Result<Option<f64>> {
+    let Some(path) = &a.trace else { return Ok(None) };
+    let Some((trace, total)) = merged_trace(engines) else {
         eprintln!("note: --trace: no chunk transfers to trace (the naive strategy keeps everything on the device)");
         return Ok(None);
-    }
-    let body = serde_json::to_vec(&json!({"traceEvents": events, "displayTimeUnit": "ms"})).map_err(|e| HarnessError::Config(e.to_string()))?;
+    };
+    let body = serde_json::to_vec(&trace).map_err(|e| HarnessError::Config(e.to_string()))?;
     crate::ckpt::write_atomic(path, &body)?;
     let share = total.share();
     let line = match share {

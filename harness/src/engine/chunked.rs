@@ -763,6 +763,10 @@ impl Engine for Chunked {
         Some((self.mgr.chrome_trace()?, self.mgr.trace_overlap()?))
     }
 
+    fn reset_trace(&self) {
+        self.mgr.reset_trace();
+    }
+
     fn scaler_state(&self) -> Option<crate::ckpt::ScalerState> {
         super::scaler_state(self.scaler.as_ref())
     }

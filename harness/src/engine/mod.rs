@@ -137,6 +137,8 @@ pub trait Engine {
     fn trace(&self) -> Option<(serde_json::Value, stowage_memory::manager::trace::Overlap)> {
         None
     }
+    /// Starts the recorded timeline afresh (no-op without one).
+    fn reset_trace(&self) {}
 }
 
 /// The step's gradient multiplier, or None to skip (non-finite gradients). `sq` is the summed

@@ -93,6 +93,13 @@ pub struct PpoArgs {
     /// task: the task's SFT set; in `stowage pipeline`: --sft-data).
     #[arg(long)]
     pub ptx_data: Option<PathBuf>,
+    /// Score responses with the built-in task's gold reward instead of the reward model: the
+    /// ceiling a perfect reward model would give (an ablation; built-in tasks only).
+    #[arg(long)]
+    pub oracle_reward: bool,
+    /// The task whose gold reward `--oracle-reward` uses (set by `run_ppo`).
+    #[arg(skip)]
+    pub oracle_task: Option<Task>,
 }
 
 /// One batch of experience.
@@ -235,7 +242,10 @@ pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String],
     let last: Vec<i64> = rm_seqs.iter().map(|s| s.len() as i64 - 1).collect();
     let rm_ids = pad_rows(&rm_seqs, tok.pad()).to_device(device);
     let scores = gather_last(&m.reward.forward(&rm_ids)?, &Tensor::from_slice(&last));
-    let scores: Vec<f64> = Vec::<f64>::try_from(&scores.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+    let mut scores: Vec<f64> = Vec::<f64>::try_from(&scores.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+    if let Some(t) = p.oracle_task {
+        scores = prompts.iter().zip(&resp).map(|(pr, (r, e))| t.reward(pr, &tok.decode(r), *e)).collect();
+    }
     if p.reward_norm {
         norm.update(&scores);
     }
@@ -573,6 +583,15 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         _ => return Err(HarnessError::Config("give exactly one of --task NAME and --data PROMPTS.jsonl".into())),
     };
     let ptx_set = ptx_demonstrations(a, p, &tok, m.actor.spec().cfg.n_ctx)?;
+    let mut oracle_args;
+    let p = if p.oracle_reward {
+        let t = a.task.ok_or_else(|| HarnessError::Config("--oracle-reward needs a built-in --task (its gold reward replaces the reward model)".into()))?;
+        oracle_args = p.clone();
+        oracle_args.oracle_task = Some(t);
+        &oracle_args
+    } else {
+        p
+    };
     let mut run = Run::open(&a.out, a.steps, a.quiet, "ppo")?;
     for n in &notes {
         run.bar.println(format!("note: {n}"));
@@ -740,6 +759,8 @@ mod tests {
             eval_samples: 1,
             ptx_coef: 0.0,
             ptx_data: None,
+            oracle_reward: false,
+            oracle_task: None,
         }
     }
 

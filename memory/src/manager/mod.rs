@@ -557,6 +557,16 @@ impl Manager {
         g.store.tracer.as_ref().map(|t| t.to_json())
     }
 
+    /// Starts the timeline afresh (e.g. after initialisation, so it shows training alone);
+    /// moves in flight now are waited for first, so none straddles the cut.
+    pub fn reset_trace(&self) {
+        self.quiesce();
+        let mut g = self.lock();
+        if let Some(t) = g.store.tracer.as_mut() {
+            t.clear();
+        }
+    }
+
     /// Transfer time recorded so far and the part of it hidden under compute (None unless
     /// `trace` was set).
     pub fn trace_overlap(&self) -> Option<trace::Overlap> {

@@ -89,6 +89,25 @@ fn origin() -> Instant {
     *ORIGIN.get_or_init(Instant::now)
 }
 
+/// Microseconds since the process-wide trace origin: the time base of every trace's `ts`.
+pub fn now_us() -> f64 {
+    origin().elapsed().as_secs_f64() * 1e6
+}
+
+/// `transfers` (`[start, end)` in microseconds) against the union of `compute` spans: how much
+/// transfer time ran while something computed. Several managers' traces share one time base,
+/// so their spans can be pooled (a PPO run's reward model computing while the actor's chunks
+/// arrive hides those transfers too).
+pub fn overlap_of(compute: Vec<(f64, f64)>, transfers: impl IntoIterator<Item = (f64, f64)>) -> Overlap {
+    let cover = union(compute);
+    let mut o = Overlap::default();
+    for (a, b) in transfers {
+        o.transfer_us += b - a;
+        o.hidden_us += covered(&cover, a, b);
+    }
+    o
+}
+
 /// Merges `[start, end)` intervals into disjoint sorted ones.
 fn union(mut iv: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
     iv.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -116,6 +135,11 @@ pub(crate) struct Tracer {
 }
 
 impl Tracer {
+    /// Forgets the events recorded so far (tracks stay, so track ids remain stable).
+    pub(crate) fn clear(&mut self) {
+        self.events.clear();
+    }
+
     pub(crate) fn new() -> Self {
         let mut tracks = BTreeMap::new();
         tracks.insert("compute".to_string(), 0);
@@ -134,7 +158,11 @@ impl Tracer {
     /// A span on `track` (a link name, "compute" or "stall").
     pub(crate) fn span(&mut self, track: &str, name: String, start: Instant, dur: Duration) {
         let tid = self.track(track);
-        let cat = if track == "compute" { "compute" } else { "transfer" };
+        let cat = match track {
+            "compute" => "compute",
+            "stall" => "stall",
+            _ => "transfer",
+        };
         self.events.push(Event {
             name,
             cat,
@@ -151,13 +179,10 @@ impl Tracer {
     pub(crate) fn overlap(&self) -> Overlap {
         let compute = self.tracks["compute"];
         let links: Vec<u32> = self.tracks.iter().filter(|(n, _)| n.contains("->")).map(|(_, &t)| t).collect();
-        let cover = union(self.events.iter().filter(|e| e.tid == compute).map(|e| (e.ts, e.ts + e.dur)).collect());
-        let mut o = Overlap::default();
-        for e in self.events.iter().filter(|e| links.contains(&e.tid)) {
-            o.transfer_us += e.dur;
-            o.hidden_us += covered(&cover, e.ts, e.ts + e.dur);
-        }
-        o
+        overlap_of(
+            self.events.iter().filter(|e| e.tid == compute).map(|e| (e.ts, e.ts + e.dur)).collect(),
+            self.events.iter().filter(|e| links.contains(&e.tid)).map(|e| (e.ts, e.ts + e.dur)),
+        )
     }
 
     /// Chrome trace JSON: `{"traceEvents": [...]}` with a name for each track.

@@ -97,6 +97,10 @@ pub struct CapacityArgs {
     /// Keep trying larger models after one did not fit (default: stop that strategy there).
     #[arg(long)]
     pub keep_going: bool,
+    /// Run nothing: redraw the table and chart from an earlier run's `--json` file (give the
+    /// same --task, --budget, --batch-size, --ctx and --max-new for the table's heading).
+    #[arg(long)]
+    pub from_json: Option<PathBuf>,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -118,7 +122,7 @@ pub struct RunArgs {
 }
 
 /// One run's outcome, as the JSON holds it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RunRecord {
     pub strategy: String,
     pub model: String,
@@ -609,6 +613,11 @@ pub fn run_capacity(a: &CapacityArgs) -> Result<Vec<RunRecord>> {
         return Err(HarnessError::Config("--steps must be at least 1".into()));
     }
     std::fs::create_dir_all(&a.out).map_err(|e| HarnessError::io("creating", &a.out, e))?;
+    if let Some(f) = &a.from_json {
+        let text = std::fs::read_to_string(f).map_err(|e| HarnessError::io("reading", f, e))?;
+        let runs: Vec<RunRecord> = serde_json::from_str(&text).map_err(|e| HarnessError::Config(format!("{}: not a capacity JSON file: {e}", f.display())))?;
+        return report(a, runs);
+    }
     let tok = Tokenizer::new(crate::tokenizer::TokenizerKind::Byte)?;
     let mut models: Vec<(String, u64)> = Vec::new();
     for m in &a.models {
@@ -647,6 +656,11 @@ pub fn run_capacity(a: &CapacityArgs) -> Result<Vec<RunRecord>> {
         }
     }
     bar.finish_and_clear();
+    report(a, runs)
+}
+
+/// Prints and saves the table, writes the JSON and the chart.
+fn report(a: &CapacityArgs, runs: Vec<RunRecord>) -> Result<Vec<RunRecord>> {
     let md = table(a, &runs);
     print!("{md}");
     crate::ckpt::write_atomic(&a.out.join("capacity.md"), md.as_bytes())?;
@@ -730,7 +744,7 @@ pub fn table(a: &CapacityArgs, runs: &[RunRecord]) -> String {
             r.reason.clone().unwrap_or_default().replace('|', "/")
         );
     }
-    let _ = writeln!(s, "\n{}; moved: bytes over every link (device, host, NVMe) in all steps; hidden: share of transfer time under compute (chunk transfers against compute spans, from the run's timeline).\n", flops_formula(a.task));
+    let _ = writeln!(s, "\n{}; moved: bytes over every link (device, host, NVMe), initialisation and all steps; hidden: share of transfer time under compute (chunk transfers against compute spans, from the run's timeline).\n", flops_formula(a.task));
     let (n, c) = (capacity(runs, "naive"), capacity(runs, "chunked"));
     for (name, cap) in [("naive", n), ("chunked", c)] {
         if let Some(p) = cap {
@@ -823,6 +837,7 @@ mod tests {
             device: DeviceArg::Sim,
             timeout_s: 10,
             keep_going: false,
+            from_json: None,
             quiet: true,
         };
         let runs = vec![

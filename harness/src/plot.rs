@@ -182,7 +182,7 @@ pub fn plot_run(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The capacity benchmark's chart: parameters per model (log) against peak memory (log), one
+/// The capacity benchmark's chart: parameters per model (log) against peak memory, one
 /// colour per strategy, filled markers for runs that fit, hollow ones for runs that did not (at
 /// the memory they had reached), and the budget as a horizontal line.
 pub fn capacity_chart(path: &Path, runs: &[crate::bench::RunRecord], budget: u64) -> Result<()> {
@@ -198,7 +198,8 @@ pub fn capacity_chart(path: &Path, runs: &[crate::bench::RunRecord], budget: u64
         (x0, x1) = (x0.min(r.params as f64), x1.max(r.params as f64));
         (y0, y1) = (y0.min(gib(r.peak_bytes)), y1.max(gib(r.peak_bytes)));
     }
-    let (x0, x1, y0, y1) = (x0 / 1.5, x1 * 1.5, y0 / 1.5, y1 * 1.5);
+    let (x0, x1, y0, y1) = (x0 / 1.5, x1 * 1.5, 0.0, y1 * 1.15);
+    let _ = y0;
     let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
         let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
         root.fill(&WHITE)?;
@@ -207,10 +208,13 @@ pub fn capacity_chart(path: &Path, runs: &[crate::bench::RunRecord], budget: u64
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())?;
+            .build_cartesian_2d((x0..x1).log_scale(), y0..y1)?;
         c.configure_mesh()
-            .x_desc("parameters per model")
+            .x_desc("parameters per model (log scale)")
             .y_desc("peak memory, GiB")
+            .x_labels(8)
+            .y_labels(8)
+            .light_line_style(WHITE.mix(0.0))
             .x_label_formatter(&|x| if *x >= 1e9 { format!("{:.1}B", x / 1e9) } else { format!("{:.0}M", x / 1e6) })
             .y_label_formatter(&|y| format!("{y:.2}"))
             .label_style((FONT, 13))

@@ -246,3 +246,28 @@ fn swap_files_of_a_killed_process_are_removed_when_the_tier_opens() {
     }
     assert!(t.notes().iter().any(|n| n.contains("removed 1 swap files (8192 bytes)")), "{:?}", t.notes());
 }
+
+#[test]
+fn a_truncated_swap_file_gives_a_read_error_never_short_data() {
+    // A short read (the file ends inside the slot) is retried for the rest and then fails with
+    // end-of-file; the data read so far is never handed out.
+    // (Not the mmap engine: touching a mapping past the end of a file raises SIGBUS, which is
+    // why that engine insists on preallocated files it alone resizes.)
+    for engine in [EngineKind::Uring, EngineKind::Psync] {
+        let dir = scratch();
+        let t = tiers(dir.path(), engine, 16);
+        let a = pattern(3, SLOT);
+        let disk = place(&t, ChunkId(3), Tier::Nvme, &a);
+        let path = t.nvme_path(&disk).expect("an NVMe slot has a file");
+        let cut = disk.addr() + (SLOT as u64) / 2;
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(cut).unwrap();
+        match read_back(&t, ChunkId(3), disk) {
+            Err(e) => {
+                let msg = e.to_string();
+                eprintln!("{engine}: {msg}");
+                assert!(msg.contains(&path.display().to_string()), "{engine}: the error names the file: {msg}");
+            }
+            Ok(_) => panic!("{engine}: a truncated slot was returned as valid"),
+        }
+    }
+}

@@ -773,6 +773,23 @@ mod tests {
     }
 
     #[test]
+    fn the_oracle_reward_is_the_tasks_gold_reward_of_each_response() {
+        let (mut m, tok) = models(4);
+        let mut p = args();
+        p.reward_norm = false;
+        p.reward_clip = 10.0;
+        p.oracle_task = Some(Task::Sort);
+        let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(3)).unwrap();
+        let gold: Vec<f64> = x.texts.iter().zip(&x.ended).map(|((pr, r), e)| Task::Sort.reward(pr, r, *e)).collect();
+        assert_eq!(x.scores, gold);
+        // Without the oracle the reward model scores them (an untrained one: not the gold).
+        p.oracle_task = None;
+        let y = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(3)).unwrap();
+        assert_eq!(y.texts, x.texts, "same draws");
+        assert_ne!(y.scores, gold);
+    }
+
+    #[test]
     fn identical_policy_and_reference_give_zero_kl_and_unit_ratio() {
         let (mut m, tok) = models(1);
         let p = args();

@@ -451,7 +451,7 @@ fn step(job: &mut Job, c: &RunArgs, a: &TrainArgs, tok: &Tokenizer, s: u64, norm
             let t0 = stowage_memory::manager::trace::now_us();
             let x = crate::ppo::collect(m, tok, &c.ppo, &prompts, c.ppo.kl_coef, norm, rng)?;
             let t1 = stowage_memory::manager::trace::now_us();
-            crate::ppo::update_epochs(m, &x, &c.ppo, rng, &mut |_, _| None)?;
+            crate::ppo::update_epochs(m, &x, &c.ppo, rng, &mut |_, _| None, true)?;
             windows.push(("experience", t0, t1));
             windows.push(("update", t1, stowage_memory::manager::trace::now_us()));
             let seq = x.ids.size()[1] as u64;

@@ -82,6 +82,11 @@ pub struct PpoArgs {
     /// Critic learning rate (the actor uses --lr).
     #[arg(long, default_value_t = 5e-4)]
     pub critic_lr: f32,
+    /// Iterations at the start in which only the critic learns (the actor and its optimizer
+    /// state stay as they are): a fresh value head's errors would otherwise be the first
+    /// advantages, which whitening turns into full-size policy steps in random directions.
+    #[arg(long, default_value_t = 0)]
+    pub critic_warmup: u64,
     /// Samples per held-out prompt when measuring the gold reward.
     #[arg(long, default_value_t = 2)]
     pub eval_samples: usize,
@@ -328,7 +333,7 @@ fn masked_mean(x: &Tensor, m: &Tensor) -> Tensor {
 /// PPO losses on one minibatch of rows (and the ptx loss on `ptx`, whose rows join the actor's
 /// batch: causal attention keeps rows independent, right padding leaves earlier positions
 /// alone); returns statistics.
-fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs, ptx: Option<&PtxBatch>) -> Result<MbStats> {
+fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs, ptx: Option<&PtxBatch>, train_actor: bool) -> Result<MbStats> {
     let ids = x.ids.index_select(0, rows);
     let mask = x.mask.index_select(0, rows);
     let old_lp = x.old_logp.index_select(0, rows);
@@ -347,7 +352,7 @@ fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs, 
         None => ids.shallow_clone(),
     };
     let ptx_coef = p.ptx_coef;
-    m.actor.step(&actor_ids, &|all: &Tensor| {
+    let actor_loss = |all: &Tensor| {
         let logits = &all.narrow(0, 0, b).narrow(1, 0, t_ppo);
         let lp = token_logp(logits, &ids, temp);
         let ratio = (&lp - &old_lp).exp();
@@ -375,7 +380,10 @@ fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs, 
             }
             None => loss,
         }
-    })?;
+    };
+    if train_actor {
+        m.actor.step(&actor_ids, &actor_loss)?;
+    }
     let vc = p.value_clip;
     m.critic.step(&ids, &|values: &Tensor| {
         let t = values.size()[1];
@@ -393,7 +401,7 @@ fn update_minibatch(m: &mut Models, x: &Experience, rows: &Tensor, p: &PpoArgs, 
 /// The update of one iteration: `p.ppo_epochs` passes over the experience in `p.minibatches`
 /// shuffled minibatches; `ptx(k, n)` gives the k-th minibatch's demonstrations for the ptx loss
 /// (`n` rows; None: no ptx loss).
-pub(crate) fn update_epochs(m: &mut Models, x: &Experience, p: &PpoArgs, rng_rows: &mut impl rand::Rng, ptx: &mut dyn FnMut(usize, usize) -> Option<PtxBatch>) -> Result<Vec<MbStats>> {
+pub(crate) fn update_epochs(m: &mut Models, x: &Experience, p: &PpoArgs, rng_rows: &mut impl rand::Rng, ptx: &mut dyn FnMut(usize, usize) -> Option<PtxBatch>, train_actor: bool) -> Result<Vec<MbStats>> {
     let b = x.ids.size()[0] as usize;
     let mut agg = Vec::new();
     for _ in 0..p.ppo_epochs {
@@ -401,7 +409,7 @@ pub(crate) fn update_epochs(m: &mut Models, x: &Experience, p: &PpoArgs, rng_row
         for part in perm.chunks(b.div_ceil(p.minibatches.max(1))) {
             let rows = Tensor::from_slice(&part.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(x.ids.device());
             let d = ptx(agg.len(), part.len());
-            agg.push(update_minibatch(m, x, &rows, p, d.as_ref())?);
+            agg.push(update_minibatch(m, x, &rows, p, d.as_ref(), train_actor)?);
         }
     }
     Ok(agg)
@@ -631,7 +639,8 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
                 PtxBatch { ids, targets }
             })
         };
-        let agg = update_epochs(&mut m, &x, p, &mut rng_rows, &mut ptx)?;
+        let train_actor = it >= p.critic_warmup;
+        let agg = update_epochs(&mut m, &x, p, &mut rng_rows, &mut ptx, train_actor)?;
         let train_s = t1.elapsed().as_secs_f64();
         let kl_mean = mean(&x.kl);
         last_kl = kl_mean;
@@ -650,6 +659,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
             "entropy": avg(|s| s.entropy), "approx_kl": avg(|s| s.approx_kl), "clipfrac": avg(|s| s.clipfrac),
             "policy_loss": avg(|s| s.policy_loss), "value_loss": avg(|s| s.value_loss),
             "ratio_mean": avg(|s| s.ratio_mean),
+            "actor_trained": train_actor,
             "explained_variance": ev,
             "response_length": mean(&x.lens.iter().map(|&l| l as f64).collect::<Vec<_>>()),
             "eos_rate": mean(&x.ended.iter().map(|&e| e as u8 as f64).collect::<Vec<_>>()),
@@ -756,6 +766,7 @@ mod tests {
             reward_norm: false,
             missing_eos_penalty: 0.0,
             critic_lr: 1e-3,
+            critic_warmup: 0,
             eval_samples: 1,
             ptx_coef: 0.0,
             ptx_data: None,
@@ -790,13 +801,28 @@ mod tests {
     }
 
     #[test]
+    fn during_critic_warmup_only_the_critic_learns() {
+        let (mut m, tok) = models(5);
+        let p = args();
+        let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(5)).unwrap();
+        let (actor0, critic0) = (m.actor.export().unwrap(), m.critic.export().unwrap());
+        update_epochs(&mut m, &x, &p, &mut rng(6), &mut |_, _| None, false).unwrap();
+        let (actor1, critic1) = (m.actor.export().unwrap(), m.critic.export().unwrap());
+        assert!(actor0.iter().zip(&actor1).all(|(a, b)| a.1.equal(&b.1)), "the actor moved during warm-up");
+        assert_eq!(m.actor.steps(), 0);
+        assert!(critic0.iter().zip(&critic1).any(|(a, b)| !a.1.equal(&b.1)), "the critic did not learn");
+        update_epochs(&mut m, &x, &p, &mut rng(6), &mut |_, _| None, true).unwrap();
+        assert!(m.actor.steps() > 0);
+    }
+
+    #[test]
     fn identical_policy_and_reference_give_zero_kl_and_unit_ratio() {
         let (mut m, tok) = models(1);
         let p = args();
         let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(0)).unwrap();
         assert!(x.kl.iter().all(|&k| k == 0.0), "KL {:?}", x.kl);
         let rows = Tensor::from_slice(&[0i64, 1]);
-        let s = update_minibatch(&mut m, &x, &rows, &p, None).unwrap();
+        let s = update_minibatch(&mut m, &x, &rows, &p, None, true).unwrap();
         assert_eq!(s.ratio_mean, 1.0);
         assert_eq!(s.approx_kl, 0.0);
         assert_eq!(s.clipfrac, 0.0);
@@ -843,14 +869,14 @@ mod tests {
         let before = export(&mut m.actor);
         p.ptx_coef = 0.5;
         let d = PtxBatch { ids, targets };
-        let s = update_minibatch(&mut m, &x, &rows, &p, Some(&d)).unwrap();
+        let s = update_minibatch(&mut m, &x, &rows, &p, Some(&d), true).unwrap();
         assert!((s.ptx_loss - expect).abs() < 1e-5 * expect, "{} vs {expect}", s.ptx_loss);
         assert!((s.ratio_mean - 1.0).abs() < 1e-6 && s.approx_kl.abs() < 1e-7, "{} {}", s.ratio_mean, s.approx_kl);
         // The same update without ptx moves the weights differently: the LM gradient was applied.
         let (mut m2, _) = models(4);
         let x2 = collect(&mut m2, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(2)).unwrap();
         assert!(x2.ids.equal(&x.ids));
-        update_minibatch(&mut m2, &x2, &rows, &p, None).unwrap();
+        update_minibatch(&mut m2, &x2, &rows, &p, None, true).unwrap();
         let (a, b) = (export(&mut m.actor), export(&mut m2.actor));
         let w = "wte.weight";
         let moved = |t: &Tensor| (t - &before[w]).abs().sum(Kind::Double).double_value(&[]);

@@ -36,7 +36,7 @@ pub use nvme::engine::{EngineCounters, EngineKind, Fault, FaultInjector, IoKind}
 pub use nvme::NvmeConfig;
 pub use pool::Slot;
 pub use tier::{ChunkId, DeviceKind, Tier, TierStats};
-pub use tiers::{DeviceChoice, DeviceConfig, Tiers, TiersConfig};
+pub use tiers::{AllocFaults, DeviceChoice, DeviceConfig, Tiers, TiersConfig};
 pub use transfer::{Failed, Transfer};
 pub use manager::layout::{ChunkSize, DType, Role};
 pub use manager::policy::PolicyKind;

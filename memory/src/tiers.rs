@@ -17,7 +17,7 @@ use crate::host::{page_size, HostArenaHook, HostArenas};
 use crate::lane::{Done, Lane};
 use crate::nvme::engine::{EngineCounters, EngineKind, RegisterHook};
 use crate::nvme::{Nvme, NvmeArenas, NvmeConfig};
-use crate::pool::{Pool, Slot};
+use crate::pool::{ArenaBackend, Pool, Slot};
 use crate::tier::{ChunkId, DeviceKind, Tier, TierStats};
 use crate::transfer::{Op, Transfer};
 
@@ -47,6 +47,67 @@ pub struct DeviceConfig {
     /// Simulated device only: pace host<->device copies to this many bytes per second in each
     /// direction. Default: none (memcpy speed).
     pub sim_bytes_per_s: Option<f64>,
+    /// Out-of-memory faults to inject into device allocations (tests only). Default: none.
+    #[serde(skip)]
+    pub alloc_faults: Option<AllocFaults>,
+}
+
+/// A handle on injected device out-of-memory faults: the next `n` device arena allocations
+/// fail as a driver out-of-memory would. Clone it, give one to the config, arm the other.
+#[derive(Debug, Clone, Default)]
+pub struct AllocFaults {
+    pending: Arc<std::sync::atomic::AtomicU64>,
+    injected: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl AllocFaults {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The next `n` device arena allocations fail.
+    pub fn fail_next(&self, n: u64) {
+        self.pending.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// How many allocations were failed so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn take(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let hit = self.pending.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok();
+        if hit {
+            self.injected.fetch_add(1, SeqCst);
+        }
+        hit
+    }
+}
+
+/// A device arena backend that fails the allocations `AllocFaults` says.
+struct FaultyArenas {
+    inner: Box<dyn ArenaBackend>,
+    faults: AllocFaults,
+}
+
+impl ArenaBackend for FaultyArenas {
+    fn alloc_arena(&self, id: u32, bytes: usize) -> Result<u64> {
+        if self.faults.take() {
+            return Err(Error::Alloc {
+                tier: Tier::Device,
+                bytes: bytes as u64,
+                reason: "out of memory (injected)".into(),
+            });
+        }
+        self.inner.alloc_arena(id, bytes)
+    }
+    fn free_arena(&self, id: u32, base: u64, bytes: usize) {
+        self.inner.free_arena(id, base, bytes)
+    }
+    fn slot_released(&self, arena: u32, addr: u64) {
+        self.inner.slot_released(arena, addr)
+    }
+    fn host_addressable(&self) -> bool {
+        self.inner.host_addressable()
+    }
 }
 
 impl Default for DeviceConfig {
@@ -56,6 +117,7 @@ impl Default for DeviceConfig {
             budget: 1 << 30,
             ordinal: 0,
             sim_bytes_per_s: None,
+            alloc_faults: None,
         }
     }
 }
@@ -181,10 +243,16 @@ impl Tiers {
             Box::new(HostArenas::new(Tier::Host, align, hooks)),
         );
         let device_arena = usize::try_from(cfg.device.budget).unwrap_or(usize::MAX);
+        let faulty = |b: Box<dyn ArenaBackend>| -> Box<dyn ArenaBackend> {
+            match &cfg.device.alloc_faults {
+                Some(f) => Box::new(FaultyArenas { inner: b, faults: f.clone() }),
+                None => b,
+            }
+        };
         let (device, device_kind) = match (&cuda, cfg.device.choice) {
             (_, DeviceChoice::None) => (None, None),
             (Some(c), _) => (
-                Some(Pool::new(Tier::Device, cfg.device.budget, device_arena, Box::new(CudaArenas(c.clone())))),
+                Some(Pool::new(Tier::Device, cfg.device.budget, device_arena, faulty(Box::new(CudaArenas(c.clone()))))),
                 Some(DeviceKind::Cuda),
             ),
             (None, _) => (
@@ -192,7 +260,7 @@ impl Tiers {
                     Tier::Device,
                     cfg.device.budget,
                     device_arena,
-                    Box::new(HostArenas::new(Tier::Device, align, Vec::new())),
+                    faulty(Box::new(HostArenas::new(Tier::Device, align, Vec::new()))),
                 )),
                 Some(DeviceKind::Simulated),
             ),

@@ -342,3 +342,51 @@ fn a_full_disk_fails_the_access_that_needs_room_and_loses_nothing() {
         assert!(a.slice::<u32>(t, Role::Param).unwrap().iter().all(|&x| x == k as u32 + 1), "chunk {k} survived the full disk");
     }
 }
+
+#[test]
+fn a_device_out_of_memory_fails_the_access_cleanly_and_a_retry_works() {
+    use stowage_memory::AllocFaults;
+    let faults = AllocFaults::new();
+    let cb = (CHUNK * 4) as u64;
+    let mut tiers = TiersConfig::default().with_device(DeviceChoice::Simulated, 2 * cb).with_host_budget(8 * cb);
+    tiers.device.alloc_faults = Some(faults.clone());
+    let cfg = ManagerConfig {
+        tiers,
+        policy: PolicyKind::Lru,
+        chunk_size: ChunkSize::Fixed(CHUNK),
+        prefetch_depth: 0,
+        trace: false,
+    };
+    let mut b = Manager::builder(cfg);
+    let g = b.group("m", &[(Role::Param, DType::F32)]);
+    let ids: Vec<TensorId> = (0..3).map(|i| b.tensor(g, &format!("t{i}"), &[CHUNK])).collect();
+    let m = b.build().unwrap();
+    let write = |t: TensorId, v: u32| -> Result<(), Error> {
+        let mut a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Write)?;
+        a.slice_mut::<u32>(t, Role::Param)?.fill(v);
+        Ok(())
+    };
+    // The device's memory cannot be obtained (a driver out-of-memory): the access fails with an
+    // allocation error naming the tier and the bytes, and the write does not land.
+    faults.fail_next(1);
+    match write(ids[0], 7) {
+        Err(Error::Alloc { tier, bytes, reason }) => {
+            assert_eq!(tier, stowage_memory::Tier::Device);
+            assert!(bytes >= cb && reason.contains("out of memory"), "{bytes} {reason}");
+        }
+        r => panic!("expected an allocation error, got {r:?}"),
+    }
+    assert_eq!(faults.injected(), 1);
+    {
+        let a = m.access(&[m.chunk_of(ids[0], Role::Param)], Mode::Read).unwrap();
+        assert!(a.slice::<u32>(ids[0], Role::Param).unwrap().iter().all(|&x| x == 0), "the failed write must not land");
+    }
+    // Once memory is available the same access works, and every chunk reads back.
+    for (k, &t) in ids.iter().enumerate() {
+        write(t, k as u32 + 1).unwrap();
+    }
+    for (k, &t) in ids.iter().enumerate() {
+        let a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Read).unwrap();
+        assert!(a.slice::<u32>(t, Role::Param).unwrap().iter().all(|&x| x == k as u32 + 1));
+    }
+}

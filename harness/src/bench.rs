@@ -259,6 +259,7 @@ fn ballast(budget: u64) -> Result<(Tensor, u64)> {
 /// The child: builds the models, runs the steps, writes the result JSON.
 pub fn run_child(c: &RunArgs) -> Result<Value> {
     let mut a = c.train.clone();
+    check_lengths(c.workload, a.ctx, a.batch_size)?;
     let tok = Tokenizer::new(a.tokenizer)?;
     let cfg = GptConfig::parse(&a.model, tok.vocab(), a.ctx)?;
     let cuda = on_cuda(&a);
@@ -607,11 +608,21 @@ fn device_name(d: DeviceArg) -> &'static str {
     }
 }
 
+/// Sequences must hold a token to train on (PPO: a prompt token and a generated one).
+fn check_lengths(w: Workload, ctx: usize, batch: usize) -> Result<()> {
+    let min = if w == Workload::Ppo { 4 } else { 2 };
+    if ctx < min || batch == 0 {
+        return Err(HarnessError::Config(format!("--ctx {ctx} --batch-size {batch}: the {} benchmark needs --ctx >= {min} and --batch-size >= 1", w.name())));
+    }
+    Ok(())
+}
+
 /// `stowage bench capacity`: runs every (strategy, model), writes the table, JSON and chart.
 pub fn run_capacity(a: &CapacityArgs) -> Result<Vec<RunRecord>> {
     if a.steps == 0 {
         return Err(HarnessError::Config("--steps must be at least 1".into()));
     }
+    check_lengths(a.task, a.ctx, a.batch_size)?;
     std::fs::create_dir_all(&a.out).map_err(|e| HarnessError::io("creating", &a.out, e))?;
     if let Some(f) = &a.from_json {
         let text = std::fs::read_to_string(f).map_err(|e| HarnessError::io("reading", f, e))?;

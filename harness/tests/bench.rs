@@ -92,3 +92,17 @@ fn a_run_over_the_budget_is_stopped_and_larger_models_are_skipped() {
     assert!(runs[2]["reason"].as_str().unwrap().contains("not run"), "{}", runs[2]);
     assert!(md.contains("naive capacity: 0.1M"), "{md}");
 }
+
+#[test]
+fn impossible_lengths_are_refused_before_any_run() {
+    let d = scratch();
+    let o = stowage()
+        .args(["bench", "capacity", "--quiet", "--task", "ppo", "--budget", "1G", "--ctx", "2", "--models", "tiny"])
+        .arg("--out")
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--ctx >= 4"), "{err}");
+}

@@ -473,14 +473,9 @@ struct Watched {
 }
 
 /// Runs one (strategy, model) child under the budget; returns its record.
-fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, idx: usize, bar: &indicatif::ProgressBar) -> Result<RunRecord> {
-    let tok = Tokenizer::new(crate::tokenizer::TokenizerKind::Byte)?;
-    let cfg = GptConfig::parse(model, tok.vocab(), a.ctx)?;
-    let params = ModelSpec::new(cfg.clone(), HeadKind::Lm).numel();
-    let sname = match strategy {
-        Strategy::Naive => "naive",
-        Strategy::Chunked => "chunked",
-    };
+fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, params: u64, idx: usize, bar: &indicatif::ProgressBar) -> Result<RunRecord> {
+    let sname = value_name(strategy);
+    let sname = sname.as_str();
     let tag = format!("{idx:02}-{sname}-{model}");
     let result = a.out.join(format!("{tag}.json"));
     let log = a.out.join(format!("{tag}.log"));
@@ -495,7 +490,7 @@ fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, idx: usize, bar: &
         .args(["--model", model, "--strategy", sname])
         .args(["--steps", &a.steps.to_string(), "--batch-size", &a.batch_size.to_string(), "--ctx", &a.ctx.to_string()])
         .args(["--max-new", &a.max_new.to_string(), "--ppo-epochs", "1", "--minibatches", "1"])
-        .args(["--dtype", precision_name(a.dtype), "--device", device_name(a.device)])
+        .args(["--dtype", &value_name(a.dtype), "--device", &value_name(a.device)])
         .arg("--quiet")
         .arg("--out")
         .arg(a.out.join(&tag));
@@ -547,21 +542,9 @@ fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, idx: usize, bar: &
     }
     let res: Option<Value> = std::fs::read_to_string(&result).ok().and_then(|s| serde_json::from_str(&s).ok());
     let mut rec = RunRecord {
-        strategy: sname.into(),
-        model: model.into(),
-        params,
-        params_total: if a.task == Workload::Ppo { 4 * params } else { params },
-        fits: false,
-        reason: None,
         peak_bytes: w.peak_rss,
-        step_s: None,
-        tokens_per_s: None,
-        flops_per_s: None,
-        bytes_moved: json!({}),
-        transfer_hidden_share: None,
-        hidden_by_phase: json!({}),
-        budget_bytes: a.budget,
         wall_s,
+        ..RunRecord::not_run(a, strategy, model, params, None)
     };
     match (w.killed, res) {
         (Some(why), _) => rec.reason = Some(why),
@@ -592,20 +575,9 @@ fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, idx: usize, bar: &
     Ok(rec)
 }
 
-fn precision_name(p: Precision) -> &'static str {
-    match p {
-        Precision::Fp32 => "fp32",
-        Precision::Bf16 => "bf16",
-        Precision::Fp16 => "fp16",
-    }
-}
-
-fn device_name(d: DeviceArg) -> &'static str {
-    match d {
-        DeviceArg::Auto => "auto",
-        DeviceArg::Cuda => "cuda",
-        DeviceArg::Sim => "sim",
-    }
+/// The command-line spelling of a value (`fp32`, `chunked`, `sim`, ...).
+fn value_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value().map_or_else(String::new, |p| p.get_name().to_string())
 }
 
 /// Sequences must hold a token to train on (PPO: a prompt token and a generated one).
@@ -643,11 +615,11 @@ pub fn run_capacity(a: &CapacityArgs) -> Result<Vec<RunRecord>> {
     let mut idx = 0;
     for &s in &a.strategies {
         let mut stopped: Option<String> = None;
-        for (m, _) in &models {
+        for (m, params) in &models {
             idx += 1;
             let rec = match &stopped {
-                Some(smaller) => skipped(a, s, m, &tok, smaller)?,
-                None => run_one(a, s, m, idx, &bar)?,
+                Some(smaller) => RunRecord::not_run(a, s, m, *params, Some(format!("not run: the smaller {smaller} did not fit (--keep-going runs it)"))),
+                None => run_one(a, s, m, *params, idx, &bar)?,
             };
             bar.println(format!(
                 "{:<8} {:<14} {:>12} params: {}",
@@ -684,29 +656,27 @@ fn report(a: &CapacityArgs, runs: Vec<RunRecord>) -> Result<Vec<RunRecord>> {
     Ok(runs)
 }
 
-fn skipped(a: &CapacityArgs, s: Strategy, m: &str, tok: &Tokenizer, smaller: &str) -> Result<RunRecord> {
-    let cfg = GptConfig::parse(m, tok.vocab(), a.ctx)?;
-    let params = ModelSpec::new(cfg, HeadKind::Lm).numel();
-    Ok(RunRecord {
-        strategy: match s {
-            Strategy::Naive => "naive".into(),
-            Strategy::Chunked => "chunked".into(),
-        },
-        model: m.into(),
-        params,
-        params_total: if a.task == Workload::Ppo { 4 * params } else { params },
-        fits: false,
-        reason: Some(format!("not run: the smaller {smaller} did not fit (--keep-going runs it)")),
-        peak_bytes: 0,
-        step_s: None,
-        tokens_per_s: None,
-        flops_per_s: None,
-        bytes_moved: json!({}),
-        transfer_hidden_share: None,
-        hidden_by_phase: json!({}),
-        budget_bytes: a.budget,
-        wall_s: 0.0,
-    })
+impl RunRecord {
+    /// A run that produced nothing (yet): no figures, `reason` as given.
+    fn not_run(a: &CapacityArgs, s: Strategy, model: &str, params: u64, reason: Option<String>) -> Self {
+        RunRecord {
+            strategy: value_name(s),
+            model: model.into(),
+            params,
+            params_total: if a.task == Workload::Ppo { 4 * params } else { params },
+            fits: false,
+            reason,
+            peak_bytes: 0,
+            step_s: None,
+            tokens_per_s: None,
+            flops_per_s: None,
+            bytes_moved: json!({}),
+            transfer_hidden_share: None,
+            hidden_by_phase: json!({}),
+            budget_bytes: a.budget,
+            wall_s: 0.0,
+        }
+    }
 }
 
 fn write_json(path: &Path, runs: &[RunRecord]) -> Result<()> {

@@ -273,7 +273,7 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
 pub fn merged_trace(engines: &[(&str, &dyn Engine)]) -> Option<(Value, stowage_memory::manager::trace::Overlap)> {
     let mut events = Vec::new();
     for (pid, (name, e)) in engines.iter().enumerate() {
-        let Some((trace, _)) = e.trace() else { continue };
+        let Some(trace) = e.trace() else { continue };
         let pid = pid as u64 + 1;
         events.push(json!({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}));
         for mut ev in trace["traceEvents"].as_array().cloned().unwrap_or_default() {

@@ -759,8 +759,8 @@ impl Engine for Chunked {
         self.step
     }
 
-    fn trace(&self) -> Option<(serde_json::Value, stowage_memory::manager::trace::Overlap)> {
-        Some((self.mgr.chrome_trace()?, self.mgr.trace_overlap()?))
+    fn trace(&self) -> Option<serde_json::Value> {
+        self.mgr.chrome_trace()
     }
 
     fn reset_trace(&self) {

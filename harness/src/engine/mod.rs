@@ -132,9 +132,8 @@ pub trait Engine {
     fn notes(&self) -> Vec<String> {
         Vec::new()
     }
-    /// The recorded timeline (Chrome trace JSON) and its transfer/compute overlap, when the
-    /// engine records one.
-    fn trace(&self) -> Option<(serde_json::Value, stowage_memory::manager::trace::Overlap)> {
+    /// The recorded timeline (Chrome trace JSON), when the engine records one.
+    fn trace(&self) -> Option<serde_json::Value> {
         None
     }
     /// Starts the recorded timeline afresh (no-op without one).

@@ -1,5 +1,7 @@
 //! Shared helpers for the benchmarks: units, a plain-text table, and the anchors.
 
+pub mod torch_adamw;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -77,3 +79,59 @@ impl Table {
         }
     }
 }
+
+/// A zeroed, page-aligned buffer of `T`, as the host tier's chunk arenas are (a `Vec` of a few
+/// hundred MiB comes from glibc's mmap path 16 bytes past a page boundary, so every vector
+/// access of a kernel over it would straddle cache lines, which chunks never do).
+pub struct PageAligned<T: bytemuck::Pod> {
+    ptr: std::ptr::NonNull<T>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+impl<T: bytemuck::Pod> PageAligned<T> {
+    /// `len` zeroed elements. Panics when the allocator refuses (a benchmark's set-up).
+    pub fn zeroed(len: usize) -> Self {
+        let bytes = (len * std::mem::size_of::<T>()).max(1);
+        let layout = std::alloc::Layout::from_size_align(bytes, 4096).expect("a valid layout");
+        // SAFETY: the layout's size is non-zero.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw.cast::<T>()).unwrap_or_else(|| panic!("allocating {bytes} bytes failed"));
+        PageAligned { ptr, len, layout }
+    }
+
+    /// A copy of `values`.
+    pub fn from_slice(values: &[T]) -> Self {
+        let mut b = Self::zeroed(values.len());
+        b.copy_from_slice(values);
+        b
+    }
+}
+
+impl<T: bytemuck::Pod> std::ops::Deref for PageAligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `ptr` holds `len` initialised (zeroed, and all-zero is a valid `Pod`) elements,
+        // aligned for `T` (4096 is a multiple of any Pod's alignment), alive while `self` is.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: bytemuck::Pod> std::ops::DerefMut for PageAligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: bytemuck::Pod> Drop for PageAligned<T> {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout, and not freed before.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) };
+    }
+}
+
+// SAFETY: the buffer is owned memory of `Pod` values, like a `Vec<T>`.
+unsafe impl<T: bytemuck::Pod + Send> Send for PageAligned<T> {}
+// SAFETY: shared access only reads, like `&[T]`.
+unsafe impl<T: bytemuck::Pod + Sync> Sync for PageAligned<T> {}

@@ -526,23 +526,9 @@ fn model_config(a: &TrainArgs, tok: &Tokenizer) -> Result<GptConfig> {
 /// Loads `--init` weights (body; the head too when its kind matches), or resumes.
 fn load_start(a: &TrainArgs, e: &mut dyn Engine, head: HeadKind, run: &Path) -> Result<u64> {
     if a.resume {
-        let p = CkptPaths::new(run.join("checkpoint"));
-        if crate::ckpt::recover(&p.dir)? {
-            eprintln!("note: {}: a checkpoint swap was interrupted; resuming from the previous checkpoint", p.dir.display());
-        }
-        let c = p.read_config()?;
-        if c.head != head || c.model != e.spec().cfg {
-            return Err(HarnessError::Config(format!("--resume: {} holds a different model ({} {:?})", p.dir.display(), c.model.name, c.head)));
-        }
-        let w = load_tensors(&p.model())?;
-        check_complete(e, &w, &p.model())?;
-        e.import(&w)?;
-        let o = load_tensors(&p.optimizer())?;
-        e.import_optimizer(c.step, &o)?;
-        if let Some(st) = c.scaler {
-            e.set_scaler_state(st);
-        }
-        return Ok(c.step);
+        let dir = run.join("checkpoint");
+        recover_checkpoint(&dir)?;
+        return resume_engine(e, &dir, head);
     }
     if let Some(init) = &a.init {
         let p = CkptPaths::new(init);
@@ -573,8 +559,36 @@ fn check_complete(e: &dyn Engine, w: &BTreeMap<String, Tensor>, path: &Path) -> 
     }
 }
 
-/// Saves weights, moments and config under `dir`.
-pub fn save_checkpoint(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind, seed: u64) -> Result<()> {
+/// Restores the previous checkpoint at `dir` if a crash interrupted its replacement.
+pub fn recover_checkpoint(dir: &Path) -> Result<()> {
+    if crate::ckpt::recover(dir)? {
+        eprintln!("note: {}: a checkpoint swap was interrupted; resuming from the previous checkpoint", dir.display());
+    }
+    Ok(())
+}
+
+/// Loads weights, optimizer moments and the loss scaler from the checkpoint at `dir` into `e`,
+/// which must be the same model with the same head; returns the optimizer step.
+pub fn resume_engine(e: &mut dyn Engine, dir: &Path, head: HeadKind) -> Result<u64> {
+    let p = CkptPaths::new(dir);
+    let c = p.read_config()?;
+    if c.head != head || c.model != e.spec().cfg {
+        return Err(HarnessError::Config(format!("--resume: {} holds a different model ({} {:?})", p.dir.display(), c.model.name, c.head)));
+    }
+    let w = load_tensors(&p.model())?;
+    check_complete(e, &w, &p.model())?;
+    e.import(&w)?;
+    let o = load_tensors(&p.optimizer())?;
+    e.import_optimizer(c.step, &o)?;
+    if let Some(st) = c.scaler {
+        e.set_scaler_state(st);
+    }
+    Ok(c.step)
+}
+
+/// Writes weights, moments and config into `dir` (which must exist), uncommitted: the caller
+/// commits the directory (`ckpt::commit_dir`).
+pub fn write_checkpoint_files(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind, seed: u64) -> Result<()> {
     let model = e.export()?;
     let (step, opt) = e.export_optimizer()?;
     let cfg = CkptConfig {
@@ -585,13 +599,16 @@ pub fn save_checkpoint(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind, seed:
         seed,
         scaler: e.scaler_state(),
     };
+    let p = CkptPaths::new(dir);
+    save_tensors(&p.model(), &model)?;
+    save_tensors(&p.optimizer(), &opt)?;
+    p.write_config(&cfg)
+}
+
+/// Saves weights, moments and config under `dir`.
+pub fn save_checkpoint(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind, seed: u64) -> Result<()> {
     // The three files are one checkpoint: committed together or not at all.
-    crate::ckpt::commit_dir(dir, |tmp| {
-        let p = CkptPaths::new(tmp);
-        save_tensors(&p.model(), &model)?;
-        save_tensors(&p.optimizer(), &opt)?;
-        p.write_config(&cfg)
-    })
+    crate::ckpt::commit_dir(dir, |tmp| write_checkpoint_files(e, tmp, tok, seed))
 }
 
 fn sft_data(a: &TrainArgs) -> Result<(Vec<SftExample>, Vec<SftExample>, Option<Task>)> {

@@ -83,10 +83,11 @@ pub fn explained_variance(values: &Tensor, returns: &Tensor, mask: &Tensor) -> f
 /// arbitrary, and a score far from zero is clipped flat. Normalising by the running moments
 /// (OpenRLHF's `normalize_reward`) puts the scores where clipping and the KL coefficient mean
 /// the same thing for every reward model.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RunningMoments {
     pub count: f64,
     pub mean: f64,
+    #[serde(default)]
     m2: f64,
 }
 

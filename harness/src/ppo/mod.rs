@@ -575,6 +575,48 @@ fn ptx_demonstrations(a: &TrainArgs, p: &PpoArgs, tok: &Tokenizer, ctx: usize) -
 }
 
 /// `stowage ppo`: returns the report section.
+/// What a PPO run needs beyond the actor's and critic's checkpoints to carry on exactly where it
+/// stopped (`checkpoint/ppo_state.json`; iteration-keyed seeds cover the rest).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct PpoState {
+    /// Iterations done.
+    iteration: u64,
+    /// The KL coefficient (moved by the adaptive controller).
+    beta: f64,
+    /// The running moments that normalise reward-model scores.
+    reward_moments: algo::RunningMoments,
+    last_kl: f64,
+    gold_before: Option<f64>,
+}
+
+/// Saves the actor, the critic (weights and optimizer state each) and the loop state as one
+/// checkpoint directory, committed together or not at all.
+fn save_ppo(m: &mut Models, dir: &std::path::Path, st: &PpoState, tok: crate::tokenizer::TokenizerKind, seed: u64) -> Result<()> {
+    let state = serde_json::to_vec_pretty(st).map_err(|e| HarnessError::Config(format!("serialising the PPO state: {e}")))?;
+    crate::ckpt::commit_dir(dir, |tmp| {
+        for (name, e) in [("actor", &mut m.actor), ("critic", &mut m.critic)] {
+            let d = tmp.join(name);
+            std::fs::create_dir(&d).map_err(|err| HarnessError::io("creating", &d, err))?;
+            crate::train::write_checkpoint_files(e.as_mut(), &d, tok, seed)?;
+        }
+        crate::ckpt::write_atomic(&tmp.join("ppo_state.json"), &state)
+    })
+}
+
+/// Loads a PPO checkpoint saved by `save_ppo` into the models; returns the loop state.
+fn resume_ppo(m: &mut Models, dir: &std::path::Path) -> Result<PpoState> {
+    crate::train::recover_checkpoint(dir)?;
+    let path = dir.join("ppo_state.json");
+    let bytes = std::fs::read(&path).map_err(|e| HarnessError::io("--resume: reading", &path, e))?;
+    let st: PpoState = serde_json::from_slice(&bytes).map_err(|e| HarnessError::Checkpoint {
+        path: path.clone(),
+        msg: format!("not a PPO state ({e})"),
+    })?;
+    crate::train::resume_engine(m.actor.as_mut(), &dir.join("actor"), HeadKind::Lm)?;
+    crate::train::resume_engine(m.critic.as_mut(), &dir.join("critic"), HeadKind::Value)?;
+    Ok(st)
+}
+
 pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     let mut notes = Vec::new();
     let (mut m, tok) = build_models(a, p, &mut notes)?;
@@ -604,25 +646,41 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     for n in &notes {
         run.bar.println(format!("note: {n}"));
     }
-    let gold_before = match a.task {
-        Some(t) => Some(gold_eval(&mut m, &tok, p, t, &eval_prompts, a.seed)?.0),
-        None => None,
-    };
-    if let Some(g) = gold_before {
-        run.log(json!({"stage": "ppo", "step": 0, "gold_reward_heldout": g}))?;
-    }
+    let ckpt_dir = a.out.join("checkpoint");
     let mut kl_ctl = KlController::new(p.kl_coef, p.kl_target, p.kl_horizon);
-    let mut norm = algo::RunningMoments::default();
-    let mut last_kl = 0.0;
-    let mut rng_rows = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed ^ 0x9907);
-    for it in 0..a.steps {
+    let mut st = if a.resume {
+        let st = resume_ppo(&mut m, &ckpt_dir)?;
+        kl_ctl.beta = st.beta;
+        run.bar.set_position(st.iteration);
+        st
+    } else {
+        let gold_before = match a.task {
+            Some(t) => Some(gold_eval(&mut m, &tok, p, t, &eval_prompts, a.seed)?.0),
+            None => None,
+        };
+        if let Some(g) = gold_before {
+            run.log(json!({"stage": "ppo", "step": 0, "gold_reward_heldout": g}))?;
+        }
+        PpoState {
+            iteration: 0,
+            beta: kl_ctl.beta,
+            reward_moments: algo::RunningMoments::default(),
+            last_kl: 0.0,
+            gold_before,
+        }
+    };
+    let end = a.stop_at.map_or(a.steps, |s| s.min(a.steps));
+    for it in st.iteration..end {
+        // Minibatch order keyed by (seed, iteration), so a resumed run draws what it would have.
+        let mut rng_rows = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed ^ 0x9907);
+        rng_rows.set_stream(it);
         let t0 = Instant::now();
         let idx = batch_indices(a.seed, it, train_prompts.len(), a.batch_size);
         let prompts: Vec<String> = idx.iter().map(|&i| train_prompts[i].clone()).collect();
         let beta = kl_ctl.beta;
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed ^ 0x5a3b1e);
         rng.set_stream(it);
-        let x = collect(&mut m, &tok, p, &prompts, beta, &mut norm, &mut rng)?;
+        let x = collect(&mut m, &tok, p, &prompts, beta, &mut st.reward_moments, &mut rng)?;
         let gen_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let lr = lr_at(a.lr, it, a.steps);
@@ -643,7 +701,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         let agg = update_epochs(&mut m, &x, p, &mut rng_rows, &mut ptx, train_actor)?;
         let train_s = t1.elapsed().as_secs_f64();
         let kl_mean = mean(&x.kl);
-        last_kl = kl_mean;
+        st.last_kl = kl_mean;
         kl_ctl.update(kl_mean, b as u64);
         let gold: Vec<f64> = match a.task {
             Some(t) => x.texts.iter().zip(&x.ended).map(|((pr, r), e)| t.reward(pr, r, *e)).collect(),
@@ -683,6 +741,20 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
                 run.log(json!({"stage": "ppo", "step": it + 1, "gold_reward_heldout": g}))?;
             }
         }
+        st.iteration = it + 1;
+        st.beta = kl_ctl.beta;
+        if (a.save_every > 0 && (it + 1) % a.save_every == 0) || (it + 1 == end && end < a.steps) {
+            save_ppo(&mut m, &ckpt_dir, &st, tok.kind(), a.seed)?;
+        }
+    }
+    let gold_before = st.gold_before;
+    let last_kl = st.last_kl;
+    if st.iteration < a.steps {
+        // Stopped early (--stop-at): the checkpoint is saved; `--resume` carries on.
+        run.bar.finish_and_clear();
+        let section = json!({"stopped_at": st.iteration, "steps": a.steps, "gold_reward_before": gold_before, "kl_final": last_kl, "checkpoint": ckpt_dir});
+        update_report(&a.out, "ppo", section.clone(), memory_json(m.actor.as_ref()))?;
+        return Ok(section);
     }
     let (gold_after, samples) = match a.task {
         Some(t) => {

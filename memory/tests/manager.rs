@@ -344,11 +344,11 @@ fn a_full_disk_fails_the_access_that_needs_room_and_loses_nothing() {
 }
 
 #[test]
-fn a_device_out_of_memory_fails_the_access_cleanly_and_a_retry_works() {
-    use stowage_memory::AllocFaults;
+fn a_device_out_of_memory_shrinks_the_device_evicts_within_it_or_fails_cleanly() {
+    use stowage_memory::{AllocFaults, Tier};
     let faults = AllocFaults::new();
     let cb = (CHUNK * 4) as u64;
-    let mut tiers = TiersConfig::default().with_device(DeviceChoice::Simulated, 2 * cb).with_host_budget(8 * cb);
+    let mut tiers = TiersConfig::default().with_device(DeviceChoice::Simulated, 4 * cb).with_host_budget(8 * cb);
     tiers.device.alloc_faults = Some(faults.clone());
     let cfg = ManagerConfig {
         tiers,
@@ -359,34 +359,84 @@ fn a_device_out_of_memory_fails_the_access_cleanly_and_a_retry_works() {
     };
     let mut b = Manager::builder(cfg);
     let g = b.group("m", &[(Role::Param, DType::F32)]);
-    let ids: Vec<TensorId> = (0..3).map(|i| b.tensor(g, &format!("t{i}"), &[CHUNK])).collect();
+    let ids: Vec<TensorId> = (0..6).map(|i| b.tensor(g, &format!("t{i}"), &[CHUNK])).collect();
     let m = b.build().unwrap();
     let write = |t: TensorId, v: u32| -> Result<(), Error> {
         let mut a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Write)?;
         a.slice_mut::<u32>(t, Role::Param)?.fill(v);
         Ok(())
     };
-    // The device's memory cannot be obtained (a driver out-of-memory): the access fails with an
-    // allocation error naming the tier and the bytes, and the write does not land.
-    faults.fail_next(1);
+    let device_capacity = || m.stats().tiers["device"].capacity;
+
+    // No device memory at all (every request refused, down to one chunk): the access fails with
+    // an allocation error naming the tier and the bytes, and the write does not land.
+    faults.fail_next(u64::MAX);
     match write(ids[0], 7) {
         Err(Error::Alloc { tier, bytes, reason }) => {
-            assert_eq!(tier, stowage_memory::Tier::Device);
+            assert_eq!(tier, Tier::Device);
             assert!(bytes >= cb && reason.contains("out of memory"), "{bytes} {reason}");
         }
         r => panic!("expected an allocation error, got {r:?}"),
     }
-    assert_eq!(faults.injected(), 1);
+    // Whole budget, half, one chunk: three refusals.
+    assert_eq!(faults.injected(), 3);
+    faults.fail_next(0);
     {
         let a = m.access(&[m.chunk_of(ids[0], Role::Param)], Mode::Read).unwrap();
         assert!(a.slice::<u32>(ids[0], Role::Param).unwrap().iter().all(|&x| x == 0), "the failed write must not land");
     }
-    // Once memory is available the same access works, and every chunk reads back.
+    m.quiesce();
+    assert_eq!(device_capacity(), 4 * cb, "memory came back: the device holds its budget");
+}
+
+#[test]
+fn a_device_out_of_memory_below_the_budget_evicts_within_what_the_driver_gave() {
+    use stowage_memory::AllocFaults;
+    let faults = AllocFaults::new();
+    let cb = (CHUNK * 4) as u64;
+    let mut tiers = TiersConfig::default().with_device(DeviceChoice::Simulated, 4 * cb).with_host_budget(8 * cb);
+    tiers.device.alloc_faults = Some(faults.clone());
+    let cfg = ManagerConfig {
+        tiers,
+        policy: PolicyKind::Lru,
+        chunk_size: ChunkSize::Fixed(CHUNK),
+        prefetch_depth: 0,
+        trace: false,
+    };
+    let mut b = Manager::builder(cfg);
+    let g = b.group("m", &[(Role::Param, DType::F32)]);
+    let ids: Vec<TensorId> = (0..6).map(|i| b.tensor(g, &format!("t{i}"), &[CHUNK])).collect();
+    let m = b.build().unwrap();
+    let write = |t: TensorId, v: u32| -> Result<(), Error> {
+        let mut a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Write)?;
+        a.slice_mut::<u32>(t, Role::Param)?.fill(v);
+        Ok(())
+    };
+    // The driver refuses the whole budget (4 chunks) and gives half: the device holds 2 chunks
+    // from then on, and the manager evicts to the host within them.
+    faults.fail_next(1);
     for (k, &t) in ids.iter().enumerate() {
         write(t, k as u32 + 1).unwrap();
     }
-    for (k, &t) in ids.iter().enumerate() {
-        let a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Read).unwrap();
-        assert!(a.slice::<u32>(t, Role::Param).unwrap().iter().all(|&x| x == k as u32 + 1));
+    assert_eq!(faults.injected(), 1);
+    let st = m.stats();
+    let dev = &st.tiers["device"];
+    assert_eq!(dev.capacity, 2 * cb, "{dev:?}");
+    assert!(dev.peak <= 2 * cb, "{dev:?}");
+    assert!(st.write_backs >= 4, "six chunks through two device slots: {st:?}");
+    // Every byte written reads back: nothing was lost to the out-of-memory.
+    for _ in 0..2 {
+        for (k, &t) in ids.iter().enumerate() {
+            let a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Read).unwrap();
+            assert!(a.slice::<u32>(t, Role::Param).unwrap().iter().all(|&x| x == k as u32 + 1), "chunk {k}");
+        }
+    }
+    // An access needing more chunks at once than the device now holds is refused, naming it.
+    let three: Vec<_> = ids[..3].iter().map(|&t| m.chunk_of(t, Role::Param)).collect();
+    let r = m.access(&three, Mode::Read).map(|_| ());
+    match r {
+        Err(e @ Error::OverBudget { .. }) => assert!(e.to_string().contains("device"), "{e}"),
+        Err(e) => panic!("expected over budget, got {e}"),
+        Ok(()) => panic!("three chunks cannot be on a two-chunk device at once"),
     }
 }

@@ -81,6 +81,16 @@ struct State {
     peak: u64,
     reserved: u64,
     arena_count: u64,
+    /// Set when the backend refused memory the budget allowed (a driver out of memory): the
+    /// most this pool can hold from then on, which the manager's eviction works within.
+    ceiling: Option<u64>,
+}
+
+impl State {
+    /// The bytes this pool may reserve: its budget, or less once the backend has refused more.
+    fn capacity(&self, budget: u64) -> u64 {
+        self.ceiling.map_or(budget, |c| c.min(budget))
+    }
 }
 
 /// A pool of slots for one tier.
@@ -156,25 +166,57 @@ impl Pool {
     }
 
     fn grow(&self, st: &mut State, slot_bytes: usize) -> Result<()> {
-        if self.budget - st.reserved < slot_bytes as u64 {
+        let capacity = st.capacity(self.budget);
+        if capacity.saturating_sub(st.reserved) < slot_bytes as u64 {
             self.trim(st);
         }
-        let room = self.budget - st.reserved;
+        let room = capacity.saturating_sub(st.reserved);
         if room < slot_bytes as u64 {
             return Err(Error::OverBudget {
                 tier: self.tier,
                 requested: slot_bytes as u64,
-                capacity: self.budget,
+                capacity,
                 in_use: st.used,
             });
         }
         // Whole slots of this size, so a pool of one slot size never fragments; the last arena
         // takes whatever the budget has left.
         let wanted = self.arena_target.max(slot_bytes).div_ceil(slot_bytes) as u64 * slot_bytes as u64;
-        let bytes = wanted.min(room) as usize;
+        let mut bytes = wanted.min(room) as usize;
         let id = u32::try_from(st.arenas.len())
             .map_err(|_| Error::unsupported("more than 4 billion arenas", "use larger arenas"))?;
-        let base = self.backend.alloc_arena(id, bytes)?;
+        // Out of memory below the budget (another user of the GPU, libtorch's cache): ask for
+        // half as much, in whole slots, down to one slot. What is obtained becomes the pool's
+        // capacity, and the manager evicts to fit within it. When not even one slot can be
+        // had, the pool's capacity drops to what it holds (later requests evict within that)
+        // and the driver's error is returned: nothing is written, the caller may retry.
+        let base = loop {
+            match self.backend.alloc_arena(id, bytes) {
+                Ok(base) => {
+                    if bytes < wanted.min(room) as usize {
+                        st.ceiling = Some(st.reserved + bytes as u64);
+                        log::warn!(
+                            "{} tier: out of memory below the budget; holding {} bytes instead of {} and evicting within them",
+                            self.tier,
+                            st.reserved + bytes as u64,
+                            self.budget
+                        );
+                    }
+                    break base;
+                }
+                Err(e @ Error::Alloc { .. }) => {
+                    let half = bytes / 2 / slot_bytes * slot_bytes;
+                    if half < slot_bytes {
+                        if st.reserved > 0 {
+                            st.ceiling = Some(st.reserved);
+                        }
+                        return Err(e);
+                    }
+                    bytes = half;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         st.arenas.push(Some(Arena {
             base,
             bytes,
@@ -203,7 +245,7 @@ impl Pool {
         let st = self.lock();
         let fits = st.arenas.iter().flatten().any(|a| a.free.values().any(|&l| l >= slot_bytes));
         let idle: u64 = st.arenas.iter().flatten().filter(|a| a.idle()).map(|a| a.bytes as u64).sum();
-        fits || self.budget - st.reserved + idle >= slot_bytes as u64
+        fits || st.capacity(self.budget).saturating_sub(st.reserved) + idle >= slot_bytes as u64
     }
 
     /// Gives back every arena with no slot in use. Returns the bytes released.
@@ -238,7 +280,7 @@ impl Pool {
     pub(crate) fn stats(&self) -> TierStats {
         let st = self.lock();
         TierStats {
-            capacity: self.budget,
+            capacity: st.capacity(self.budget),
             used: st.used,
             peak: st.peak,
             reserved: st.reserved,

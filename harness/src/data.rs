@@ -38,10 +38,20 @@ pub fn load_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
             line: i + 1,
             msg: format!("unreadable line ({e}); datasets must be UTF-8 JSON Lines"),
         })?;
+        // A byte-order mark some editors put at the start of a file is not part of the data.
+        let line = if i == 0 { line.strip_prefix('\u{feff}').unwrap_or(&line) } else { &line };
         if line.trim().is_empty() {
             continue;
         }
-        let rec = serde_json::from_str::<T>(&line).map_err(|e| HarnessError::Data {
+        // serde would read a struct from a JSON array by position; a record is an object.
+        if !line.trim_start().starts_with('{') {
+            return Err(HarnessError::Data {
+                file: path.into(),
+                line: i + 1,
+                msg: format!("not a JSON object; expected one object per line with the fields {}", fields::<T>()),
+            });
+        }
+        let rec = serde_json::from_str::<T>(line).map_err(|e| HarnessError::Data {
             file: path.into(),
             line: i + 1,
             msg: format!("{e}; expected one JSON object per line with the fields {}", fields::<T>()),

@@ -15,6 +15,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod ppo;
+pub mod record;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;

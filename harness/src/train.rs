@@ -2,7 +2,6 @@
 //! the loops with progress bar, JSONL metrics, held-out evaluation, checkpoints and report.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -21,6 +20,8 @@ use crate::generate::{generate, Sampler};
 use crate::model::{GptConfig, HeadKind};
 use crate::tasks::Task;
 use crate::tokenizer::{Tokenizer, TokenizerKind};
+// Re-exported: the run records were part of this module, and callers name them from here.
+pub use crate::record::{draw_charts, memory_json, merged_trace, peak_rss_bytes, trace_overlap, update_report, write_trace, Run};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Strategy {
@@ -265,151 +266,6 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
     };
     notes.extend(e.notes());
     Ok(e)
-}
-
-/// The engines' timelines as one Chrome trace, one process per model, and the transfer/compute
-/// overlap over all of them (one model's transfers hidden under another's compute count);
-/// None when no engine recorded one.
-pub fn merged_trace(engines: &[(&str, &dyn Engine)]) -> Option<(Value, stowage_memory::manager::trace::Overlap)> {
-    let mut events = Vec::new();
-    for (pid, (name, e)) in engines.iter().enumerate() {
-        let Some(trace) = e.trace() else { continue };
-        let pid = pid as u64 + 1;
-        events.push(json!({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}));
-        for mut ev in trace["traceEvents"].as_array().cloned().unwrap_or_default() {
-            ev["pid"] = json!(pid);
-            events.push(ev);
-        }
-    }
-    if events.is_empty() {
-        return None;
-    }
-    let total = trace_overlap(&events, f64::MIN, f64::MAX);
-    Some((json!({"traceEvents": events, "displayTimeUnit": "ms"}), total))
-}
-
-/// The overlap of the transfers that start in `[from_us, to_us)` with every compute span, over
-/// Chrome-trace `events` (`cat` "compute" or "transfer"; times in the shared trace time base).
-pub fn trace_overlap(events: &[Value], from_us: f64, to_us: f64) -> stowage_memory::manager::trace::Overlap {
-    let span = |e: &Value| -> Option<(f64, f64)> {
-        let ts = e["ts"].as_f64()?;
-        Some((ts, ts + e["dur"].as_f64()?))
-    };
-    let compute: Vec<(f64, f64)> = events.iter().filter(|e| e["cat"] == "compute").filter_map(span).collect();
-    let transfers: Vec<(f64, f64)> = events.iter().filter(|e| e["cat"] == "transfer").filter_map(span).filter(|s| s.0 >= from_us && s.0 < to_us).collect();
-    stowage_memory::manager::trace::overlap_of(compute, transfers)
-}
-
-/// Writes `a.trace` (when asked) from `engines`' timelines, one Chrome-trace process per model,
-/// prints the hidden share and returns it for the report (None without transfers).
-pub fn write_trace(a: &TrainArgs, engines: &[(&str, &dyn Engine)], run: &Run) -> Result<Option<f64>> {
-    let Some(path) = &a.trace else { return Ok(None) };
-    let Some((trace, total)) = merged_trace(engines) else {
-        eprintln!("note: --trace: no chunk transfers to trace (the naive strategy keeps everything on the device)");
-        return Ok(None);
-    };
-    let body = serde_json::to_vec(&trace).map_err(|e| HarnessError::Config(e.to_string()))?;
-    crate::ckpt::write_atomic(path, &body)?;
-    let share = total.share();
-    let line = match share {
-        Some(s) => format!("trace {}: {:.1}% of transfer time hidden under compute ({:.0} of {:.0} ms)", path.display(), 100.0 * s, total.hidden_us / 1e3, total.transfer_us / 1e3),
-        None => format!("trace {}: no transfers", path.display()),
-    };
-    run.bar.println(&line);
-    if run.bar.is_hidden() {
-        eprintln!("{line}");
-    }
-    Ok(share)
-}
-
-/// Peak resident memory of this process (VmHWM), bytes.
-pub fn peak_rss_bytes() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|k| k.parse::<u64>().ok())
-        .map_or(0, |k| k * 1024)
-}
-
-/// Merges `section` into `DIR/report.json` (other stages' sections stay).
-pub fn update_report(dir: &Path, key: &str, section: Value, memory: Value) -> Result<()> {
-    let p = dir.join("report.json");
-    let mut r: serde_json::Map<String, Value> = std::fs::read_to_string(&p).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
-    r.insert(key.into(), section);
-    // Peaks only grow across the stages of one run.
-    let mut mem = memory;
-    if let (Some(old), Some(new)) = (r.get("memory").cloned(), mem.as_object_mut()) {
-        for k in ["peak_rss_bytes", "device_peak_bytes"] {
-            let o = old.get(k).and_then(Value::as_u64).unwrap_or(0);
-            let n = new.get(k).and_then(Value::as_u64).unwrap_or(0);
-            new.insert(k.into(), json!(o.max(n)));
-        }
-    }
-    r.insert("memory".into(), mem);
-    let s = serde_json::to_vec_pretty(&Value::Object(r)).map_err(|e| HarnessError::Config(e.to_string()))?;
-    crate::ckpt::write_atomic(&p, &s)
-}
-
-/// The memory section of a report.
-pub fn memory_json(e: &dyn Engine) -> Value {
-    let m = e.memory();
-    json!({
-        "peak_rss_bytes": peak_rss_bytes(),
-        "device_peak_bytes": m.device_peak_bytes,
-        "bytes_moved": m.bytes_moved,
-        "tiers": m.tiers,
-    })
-}
-
-/// A run's output directory, metrics file and progress bar.
-pub struct Run {
-    pub dir: PathBuf,
-    metrics: std::fs::File,
-    pub bar: indicatif::ProgressBar,
-    pub started: Instant,
-}
-
-impl Run {
-    pub fn open(dir: &Path, steps: u64, quiet: bool, stage: &str) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| HarnessError::io("creating output directory", dir, e))?;
-        let p = dir.join("metrics.jsonl");
-        let metrics = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| HarnessError::io("opening", &p, e))?;
-        let bar = if quiet {
-            indicatif::ProgressBar::hidden()
-        } else {
-            let b = indicatif::ProgressBar::new(steps);
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            b.set_prefix(stage.to_string());
-            b
-        };
-        Ok(Run {
-            dir: dir.into(),
-            metrics,
-            bar,
-            started: Instant::now(),
-        })
-    }
-
-    /// Draws the PNG charts of the run's metrics (`loss.png`, and for PPO `reward.png`,
-    /// `kl.png`). A failure is reported, not fatal: the metrics file is the record.
-    pub fn charts(&self) {
-        draw_charts(&self.dir);
-    }
-
-    pub fn log(&mut self, v: Value) -> Result<()> {
-        writeln!(self.metrics, "{v}").map_err(|e| HarnessError::io("writing", self.dir.join("metrics.jsonl"), e))
-    }
-}
-
-/// Draws the charts of `dir/metrics.jsonl`, warning on failure.
-pub fn draw_charts(dir: &Path) {
-    if let Err(e) = crate::plot::plot_run(dir) {
-        eprintln!("warning: charts not drawn: {e}");
-    }
 }
 
 /// Learning rate at `step` (from 0): linear warm-up over 5% of the steps, cosine to 10%.

@@ -51,6 +51,9 @@ enum Command {
     },
     /// PPO from an SFT checkpoint (actor, reference) and a reward-model checkpoint (reward,
     /// critic); `--steps` counts PPO iterations of `--batch-size` prompts.
+    // The actor's learning rate: SFT's 1e-3 takes a tuned policy apart in a few iterations;
+    // 1e-4 is the pipeline's PPO default too.
+    #[command(mut_arg("lr", |a| a.default_value("0.0001")))]
     Ppo {
         #[command(flatten)]
         args: TrainArgs,

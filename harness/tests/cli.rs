@@ -26,3 +26,18 @@ fn info_on_an_unusable_directory_fails_with_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&file.path().display().to_string()), "names the path: {err}");
 }
+
+/// `stowage ppo` defaults the actor's learning rate to the pipeline's PPO rate (1e-4), not
+/// SFT's 1e-3, which takes a tuned policy apart in a few iterations.
+#[test]
+fn ppo_defaults_to_the_ppo_learning_rate() {
+    let lr_default = |cmd: &str| {
+        let out = stowage().args([cmd, "--help"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let at = text.find("--lr <LR>").unwrap_or_else(|| panic!("no --lr in {cmd} --help"));
+        let rest = &text[at..];
+        rest[rest.find("[default: ").unwrap() + 10..].split(']').next().unwrap().to_string()
+    };
+    assert_eq!(lr_default("ppo"), "0.0001");
+    assert_eq!(lr_default("sft"), "0.001");
+}

@@ -344,7 +344,7 @@ fn a_full_disk_fails_the_access_that_needs_room_and_loses_nothing() {
 }
 
 #[test]
-fn a_device_out_of_memory_shrinks_the_device_evicts_within_it_or_fails_cleanly() {
+fn a_device_with_no_memory_to_give_fails_the_access_cleanly_and_recovers() {
     use stowage_memory::{AllocFaults, Tier};
     let faults = AllocFaults::new();
     let cb = (CHUNK * 4) as u64;

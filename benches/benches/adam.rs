@@ -112,13 +112,7 @@ fn main() {
     let g32 = PageAligned::from_slice(&random(n, 2));
     let g16 = PageAligned::from_slice(&g32.iter().map(|&x| f32_to_bf16(x)).collect::<Vec<u16>>());
     let mut out = PageAligned::<u16>::zeroed(n);
-    let hyper = Hyper {
-        lr: cfg.lr as f64,
-        beta1: cfg.beta1 as f64,
-        beta2: cfg.beta2 as f64,
-        eps: cfg.eps as f64,
-        weight_decay: cfg.weight_decay as f64,
-    };
+    let hyper = Hyper::from(&cfg);
     // libtorch's fused AdamW on the same values (fp32 parameters and gradients: its kernel takes
     // no mixed precisions).
     let mut torch = FusedAdamW::new(&p, &g32, hyper);

@@ -34,6 +34,19 @@ pub struct Hyper {
     pub weight_decay: f64,
 }
 
+impl From<&stowage_memory::optim::AdamConfig> for Hyper {
+    /// The same hyperparameters as our AdamW's (decoupled decay, as AdamW).
+    fn from(c: &stowage_memory::optim::AdamConfig) -> Self {
+        Hyper {
+            lr: c.lr as f64,
+            beta1: c.beta1 as f64,
+            beta2: c.beta2 as f64,
+            eps: c.eps as f64,
+            weight_decay: c.weight_decay as f64,
+        }
+    }
+}
+
 /// One parameter tensor with its gradient and moments, stepped by libtorch's fused AdamW.
 pub struct FusedAdamW {
     pub param: Tensor,
@@ -127,13 +140,7 @@ mod tests {
         let p0: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
         let g: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 997) as f32 / 498.5 - 1.0).collect();
         let cfg = AdamConfig::default();
-        let hyper = Hyper {
-            lr: cfg.lr as f64,
-            beta1: cfg.beta1 as f64,
-            beta2: cfg.beta2 as f64,
-            eps: cfg.eps as f64,
-            weight_decay: cfg.weight_decay as f64,
-        };
+        let hyper = Hyper::from(&cfg);
         let mut torch = FusedAdamW::new(&p0, &g, hyper);
         let ours_opt = CpuAdam::new(cfg, Some(1)).unwrap();
         let mut p = p0.clone();

@@ -343,10 +343,10 @@ fn a_full_disk_fails_the_access_that_needs_room_and_loses_nothing() {
     }
 }
 
-#[test]
-fn a_device_with_no_memory_to_give_fails_the_access_cleanly_and_recovers() {
-    use stowage_memory::{AllocFaults, Tier};
-    let faults = AllocFaults::new();
+/// Six one-chunk tensors, a simulated device of four chunks whose allocations the returned
+/// handle can fail, a host of eight.
+fn oom_manager() -> (Manager, Vec<TensorId>, stowage_memory::AllocFaults) {
+    let faults = stowage_memory::AllocFaults::new();
     let cb = (CHUNK * 4) as u64;
     let mut tiers = TiersConfig::default().with_device(DeviceChoice::Simulated, 4 * cb).with_host_budget(8 * cb);
     tiers.device.alloc_faults = Some(faults.clone());
@@ -360,12 +360,21 @@ fn a_device_with_no_memory_to_give_fails_the_access_cleanly_and_recovers() {
     let mut b = Manager::builder(cfg);
     let g = b.group("m", &[(Role::Param, DType::F32)]);
     let ids: Vec<TensorId> = (0..6).map(|i| b.tensor(g, &format!("t{i}"), &[CHUNK])).collect();
-    let m = b.build().unwrap();
-    let write = |t: TensorId, v: u32| -> Result<(), Error> {
-        let mut a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Write)?;
-        a.slice_mut::<u32>(t, Role::Param)?.fill(v);
-        Ok(())
-    };
+    (b.build().unwrap(), ids, faults)
+}
+
+fn write_u32(m: &Manager, t: TensorId, v: u32) -> Result<(), Error> {
+    let mut a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Write)?;
+    a.slice_mut::<u32>(t, Role::Param)?.fill(v);
+    Ok(())
+}
+
+#[test]
+fn a_device_with_no_memory_to_give_fails_the_access_cleanly_and_recovers() {
+    use stowage_memory::Tier;
+    let (m, ids, faults) = oom_manager();
+    let cb = (CHUNK * 4) as u64;
+    let write = |t: TensorId, v: u32| write_u32(&m, t, v);
     let device_capacity = || m.stats().tiers["device"].capacity;
 
     // No device memory at all (every request refused, down to one chunk): the access fails with
@@ -391,27 +400,9 @@ fn a_device_with_no_memory_to_give_fails_the_access_cleanly_and_recovers() {
 
 #[test]
 fn a_device_out_of_memory_below_the_budget_evicts_within_what_the_driver_gave() {
-    use stowage_memory::AllocFaults;
-    let faults = AllocFaults::new();
+    let (m, ids, faults) = oom_manager();
     let cb = (CHUNK * 4) as u64;
-    let mut tiers = TiersConfig::default().with_device(DeviceChoice::Simulated, 4 * cb).with_host_budget(8 * cb);
-    tiers.device.alloc_faults = Some(faults.clone());
-    let cfg = ManagerConfig {
-        tiers,
-        policy: PolicyKind::Lru,
-        chunk_size: ChunkSize::Fixed(CHUNK),
-        prefetch_depth: 0,
-        trace: false,
-    };
-    let mut b = Manager::builder(cfg);
-    let g = b.group("m", &[(Role::Param, DType::F32)]);
-    let ids: Vec<TensorId> = (0..6).map(|i| b.tensor(g, &format!("t{i}"), &[CHUNK])).collect();
-    let m = b.build().unwrap();
-    let write = |t: TensorId, v: u32| -> Result<(), Error> {
-        let mut a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Write)?;
-        a.slice_mut::<u32>(t, Role::Param)?.fill(v);
-        Ok(())
-    };
+    let write = |t: TensorId, v: u32| write_u32(&m, t, v);
     // The driver refuses the whole budget (4 chunks) and gives half: the device holds 2 chunks
     // from then on, and the manager evicts to the host within them.
     faults.fail_next(1);

@@ -97,6 +97,10 @@ pub struct CapacityArgs {
     /// Keep trying larger models after one did not fit (default: stop that strategy there).
     #[arg(long)]
     pub keep_going: bool,
+    /// Also run every strategy with LoRA adapters of this rank over a frozen base (rows
+    /// `naive+lora`, `chunked+lora`; PPO: actor and critic). 0: no LoRA rows.
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
     /// Run nothing: redraw the table and chart from an earlier run's `--json` file (give the
     /// same --task, --budget, --batch-size, --ctx and --max-new for the table's heading).
     #[arg(long)]
@@ -473,10 +477,21 @@ struct Watched {
 }
 
 /// Runs one (strategy, model) child under the budget; returns its record.
-fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, params: u64, idx: usize, bar: &indicatif::ProgressBar) -> Result<RunRecord> {
+/// A row's strategy name: `naive`, `chunked`, or either with `+lora`.
+fn row_name(s: Strategy, lora: bool) -> String {
+    let n = value_name(s);
+    if lora {
+        format!("{n}+lora")
+    } else {
+        n
+    }
+}
+
+fn run_one(a: &CapacityArgs, (strategy, lora): (Strategy, bool), model: &str, params: u64, idx: usize, bar: &indicatif::ProgressBar) -> Result<RunRecord> {
     let sname = value_name(strategy);
     let sname = sname.as_str();
-    let tag = format!("{idx:02}-{sname}-{model}");
+    let row = row_name(strategy, lora);
+    let tag = format!("{idx:02}-{}-{model}", row.replace('+', "-"));
     let result = a.out.join(format!("{tag}.json"));
     let log = a.out.join(format!("{tag}.log"));
     let _ = std::fs::remove_file(&result);
@@ -494,6 +509,9 @@ fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, params: u64, idx: 
         .arg("--quiet")
         .arg("--out")
         .arg(a.out.join(&tag));
+    if lora {
+        cmd.args(["--lora-rank", &a.lora_rank.to_string()]);
+    }
     let nvme = match (&a.nvme_dir, strategy) {
         (Some(d), Strategy::Chunked) => {
             let sub = d.join(format!("stowage-bench-{}-{tag}", std::process::id()));
@@ -530,7 +548,7 @@ fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, params: u64, idx: 
             let _ = w.child.kill();
         }
         bar.set_message(format!(
-            "{sname} {model}: {:.0} s, resident {}",
+            "{row} {model}: {:.0} s, resident {}",
             start.elapsed().as_secs_f64(),
             crate::engine::chunked::human(w.peak_rss)
         ));
@@ -544,7 +562,7 @@ fn run_one(a: &CapacityArgs, strategy: Strategy, model: &str, params: u64, idx: 
     let mut rec = RunRecord {
         peak_bytes: w.peak_rss,
         wall_s,
-        ..RunRecord::not_run(a, strategy, model, params, None)
+        ..RunRecord::not_run(a, &row, model, params, None)
     };
     match (w.killed, res) {
         (Some(why), _) => rec.reason = Some(why),
@@ -608,21 +626,25 @@ pub fn run_capacity(a: &CapacityArgs) -> Result<Vec<RunRecord>> {
         models.push((m.clone(), ModelSpec::new(cfg, HeadKind::Lm).numel()));
     }
     models.sort_by_key(|m| m.1);
-    let total = (models.len() * a.strategies.len()) as u64;
+    let mut variants: Vec<(Strategy, bool)> = a.strategies.iter().map(|&s| (s, false)).collect();
+    if a.lora_rank > 0 {
+        variants.extend(a.strategies.iter().map(|&s| (s, true)));
+    }
+    let total = (models.len() * variants.len()) as u64;
     let bar = if a.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} runs {elapsed} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let mut runs = Vec::new();
     let mut idx = 0;
-    for &s in &a.strategies {
+    for &v in &variants {
         let mut stopped: Option<String> = None;
         for (m, params) in &models {
             idx += 1;
             let rec = match &stopped {
-                Some(smaller) => RunRecord::not_run(a, s, m, *params, Some(format!("not run: the smaller {smaller} did not fit (--keep-going runs it)"))),
-                None => run_one(a, s, m, *params, idx, &bar)?,
+                Some(smaller) => RunRecord::not_run(a, &row_name(v.0, v.1), m, *params, Some(format!("not run: the smaller {smaller} did not fit (--keep-going runs it)"))),
+                None => run_one(a, v, m, *params, idx, &bar)?,
             };
             bar.println(format!(
-                "{:<8} {:<14} {:>12} params: {}",
+                "{:<13} {:<14} {:>12} params: {}",
                 rec.strategy,
                 rec.model,
                 rec.params,
@@ -658,9 +680,9 @@ fn report(a: &CapacityArgs, runs: Vec<RunRecord>) -> Result<Vec<RunRecord>> {
 
 impl RunRecord {
     /// A run that produced nothing (yet): no figures, `reason` as given.
-    fn not_run(a: &CapacityArgs, s: Strategy, model: &str, params: u64, reason: Option<String>) -> Self {
+    fn not_run(a: &CapacityArgs, strategy: &str, model: &str, params: u64, reason: Option<String>) -> Self {
         RunRecord {
-            strategy: value_name(s),
+            strategy: strategy.into(),
             model: model.into(),
             params,
             params_total: if a.task == Workload::Ppo { 4 * params } else { params },
@@ -726,14 +748,17 @@ pub fn table(a: &CapacityArgs, runs: &[RunRecord]) -> String {
         );
     }
     let _ = writeln!(s, "\n{}; moved: bytes over every link (device, host, NVMe), initialisation and all steps; hidden: share of transfer time under compute (chunk transfers against compute spans, from the run's timeline).\n", flops_formula(a.task));
-    let (n, c) = (capacity(runs, "naive"), capacity(runs, "chunked"));
-    for (name, cap) in [("naive", n), ("chunked", c)] {
-        if let Some(p) = cap {
-            let _ = writeln!(s, "- {name} capacity: {:.1}M parameters per model", p as f64 / 1e6);
+    for suffix in ["", "+lora"] {
+        let (nn, cn) = (format!("naive{suffix}"), format!("chunked{suffix}"));
+        let (n, c) = (capacity(runs, &nn), capacity(runs, &cn));
+        for (name, cap) in [(&nn, n), (&cn, c)] {
+            if let Some(p) = cap {
+                let _ = writeln!(s, "- {name} capacity: {:.1}M parameters per model", p as f64 / 1e6);
+            }
         }
-    }
-    if let (Some(n), Some(c)) = (n, c) {
-        let _ = writeln!(s, "- chunked / naive capacity: {:.1}x", c as f64 / n as f64);
+        if let (Some(n), Some(c)) = (n, c) {
+            let _ = writeln!(s, "- {cn} / {nn} capacity: {:.1}x", c as f64 / n as f64);
+        }
     }
     for r in runs.iter().filter(|r| r.fits) {
         if let Some(o) = r.hidden_by_phase.as_object().filter(|o| !o.is_empty()) {
@@ -744,10 +769,11 @@ pub fn table(a: &CapacityArgs, runs: &[RunRecord]) -> String {
             let _ = writeln!(s, "- {} {}: transfer time hidden per phase: {}", r.strategy, r.model, parts.join(", "));
         }
     }
-    for r in runs.iter().filter(|r| r.strategy == "chunked" && r.fits) {
-        if let Some(nv) = runs.iter().find(|x| x.strategy == "naive" && x.model == r.model && x.fits) {
+    for r in runs.iter().filter(|r| r.strategy.starts_with("chunked") && r.fits) {
+        let naive = r.strategy.replace("chunked", "naive");
+        if let Some(nv) = runs.iter().find(|x| x.strategy == naive && x.model == r.model && x.fits) {
             if let (Some(cs), Some(ns)) = (r.step_s, nv.step_s) {
-                let _ = writeln!(s, "- {}: chunked step time {:.2}x naive ({cs:.2} s vs {ns:.2} s)", r.model, cs / ns);
+                let _ = writeln!(s, "- {}: {} step time {:.2}x {naive} ({cs:.2} s vs {ns:.2} s)", r.model, r.strategy, cs / ns);
             }
         }
     }
@@ -818,6 +844,7 @@ mod tests {
             device: DeviceArg::Sim,
             timeout_s: 10,
             keep_going: false,
+            lora_rank: 8,
             from_json: None,
             quiet: true,
         };
@@ -827,6 +854,10 @@ mod tests {
             rec("chunked", "a", 10_000_000, true, 1.1),
             rec("chunked", "b", 40_000_000, true, 3.0),
             rec("chunked", "c", 120_000_000, true, 9.0),
+            rec("naive+lora", "a", 10_000_000, true, 0.8),
+            rec("naive+lora", "b", 40_000_000, true, 2.0),
+            rec("chunked+lora", "b", 40_000_000, true, 2.5),
+            rec("chunked+lora", "c", 120_000_000, true, 7.0),
         ];
         assert_eq!(capacity(&runs, "naive"), Some(10_000_000));
         assert_eq!(capacity(&runs, "chunked"), Some(120_000_000));
@@ -834,7 +865,9 @@ mod tests {
         assert!(t.contains("chunked / naive capacity: 12.0x"), "{t}");
         assert!(t.contains("- a: chunked step time 1.10x naive"), "{t}");
         assert!(!t.contains("- b: chunked step time"), "b did not fit naively: {t}");
-        assert_eq!(t.lines().filter(|l| l.starts_with("| naive") || l.starts_with("| chunked")).count(), 5);
+        assert_eq!(t.lines().filter(|l| l.starts_with("| naive") || l.starts_with("| chunked")).count(), 9);
+        assert!(t.contains("chunked+lora / naive+lora capacity: 3.0x"), "{t}");
+        assert!(t.contains("- b: chunked+lora step time 1.25x naive+lora"), "{t}");
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0]), 2.5);
     }

@@ -35,6 +35,10 @@ pub struct CkptConfig {
     /// The fp16 loss scaler's state, when training used one.
     #[serde(default)]
     pub scaler: Option<ScalerState>,
+    /// A LoRA model: `model.safetensors` holds the frozen base weights and the adapters
+    /// (`*.lora_a`, `*.lora_b`) apart; loading for another stage merges them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::model::LoraConfig>,
 }
 
 /// What a dynamic loss scaler needs to carry on exactly where it stopped.
@@ -213,6 +217,22 @@ impl CkptPaths {
         let p = self.config();
         let s = std::fs::read_to_string(&p).map_err(|e| HarnessError::io("reading checkpoint config", &p, e))?;
         serde_json::from_str(&s).map_err(|e| ckerr(&p, format!("malformed config: {e}")))
+    }
+
+    /// The checkpoint's config and its model tensors as the plain GPT-2 they compute: a LoRA
+    /// checkpoint's adapters are merged into their base weights.
+    pub fn read_merged(&self) -> Result<(CkptConfig, BTreeMap<String, Tensor>)> {
+        let c = self.read_config()?;
+        let mut w = load_tensors(&self.model())?;
+        match c.lora {
+            Some(l) => crate::model::merge_lora(&mut w, l).map_err(|e| ckerr(&self.model(), e.to_string()))?,
+            None => {
+                if let Some(n) = w.keys().find(|n| crate::model::is_adapter(n)) {
+                    return Err(ckerr(&self.model(), format!("holds the adapter {n} but config.json has no `lora` section to merge it with")));
+                }
+            }
+        }
+        Ok((c, w))
     }
 
     pub fn write_config(&self, c: &CkptConfig) -> Result<()> {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use stowage_harness::ckpt::{load_tensors, CkptPaths};
+use stowage_harness::ckpt::CkptPaths;
 use stowage_harness::data::{save_jsonl, PromptExample};
 use stowage_harness::engine::{torch_device, Engine, ModelSpec, Naive, TrainOpts};
 use stowage_harness::generate::{generate, Sampler};
@@ -159,14 +159,14 @@ impl From<Engine_> for EngineKind {
 #[allow(clippy::too_many_arguments)]
 fn run_generate(checkpoint: PathBuf, prompts: Vec<String>, max_new: usize, temperature: f64, top_k: i64, top_p: f64, seed: u64) -> Result<(), HarnessError> {
     let p = CkptPaths::new(&checkpoint);
-    let c = p.read_config()?;
+    let (c, w) = p.read_merged()?;
     let tok = Tokenizer::new(c.tokenizer)?;
     let (device, note) = torch_device();
     if let Some(n) = note {
         eprintln!("note: {n}");
     }
     let mut e = Naive::new(ModelSpec::new(c.model, c.head), device, TrainOpts::default(), 0)?;
-    e.import(&load_tensors(&p.model())?)?;
+    e.import(&w)?;
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     let ids: Vec<Vec<i64>> = prompts
         .iter()

@@ -126,6 +126,11 @@ pub struct ParamSpec {
     pub shape: Vec<usize>,
     pub unit: Unit,
     pub init: Init,
+    /// Receives gradients and optimizer state; false for a LoRA model's frozen base weights.
+    pub trainable: bool,
+    /// Its initial value's random stream (`init_tensor`): its index in the plain model's list,
+    /// so a LoRA model's base starts where the plain model with the same seed does.
+    pub stream: usize,
 }
 
 impl ParamSpec {
@@ -145,7 +150,14 @@ pub fn param_specs(c: &GptConfig, head: HeadKind) -> Vec<ParamSpec> {
     let d = c.n_embd;
     let std = 0.02;
     let proj_std = 0.02 / (2.0 * c.n_layer as f64).sqrt();
-    let p = |name: String, shape: Vec<usize>, unit, init| ParamSpec { name, shape, unit, init };
+    let p = |name: String, shape: Vec<usize>, unit, init| ParamSpec {
+        name,
+        shape,
+        unit,
+        init,
+        trainable: true,
+        stream: 0,
+    };
     let mut v = vec![
         p("wte.weight".into(), vec![c.vocab, d], Unit::Embed, Init::Normal(std)),
         p("wpe.weight".into(), vec![c.n_ctx, d], Unit::Embed, Init::Normal(0.01)),
@@ -180,7 +192,99 @@ pub fn param_specs(c: &GptConfig, head: HeadKind) -> Vec<ParamSpec> {
         }
         HeadKind::Score => v.push(p("score.weight".into(), vec![1, d], Unit::Head, Init::Normal(head_std))),
     }
+    for (i, s) in v.iter_mut().enumerate() {
+        s.stream = i;
+    }
     v
+}
+
+/// Low-rank adapters (LoRA, Hu et al. 2021) on every block's four linears (`attn.c_attn`,
+/// `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`): `y = x W + b + (alpha / rank) x A B`, with `A`
+/// `[in, rank]` drawn N(0, 1/in) and `B` `[rank, out]` zero, so training starts from the base
+/// model exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// The block linears that carry adapters, as (name, index of the weight in a block's tensors).
+pub const LORA_TARGETS: [(&str, usize); 4] = [("attn.c_attn", 2), ("attn.c_proj", 4), ("mlp.c_fc", 8), ("mlp.c_proj", 10)];
+
+/// Tensors a block gains with adapters: an `A` and a `B` per target, in `LORA_TARGETS` order.
+pub const LORA_TENSORS: usize = 2 * LORA_TARGETS.len();
+
+/// The parameter list of a LoRA model: the base model's tensors frozen, except a scalar head
+/// (`score`, `v_head`: new for a reward model or critic, so trained in full, as peft's
+/// `modules_to_save` does), and each block's adapters after its own tensors.
+pub fn lora_specs(base: Vec<ParamSpec>, lora: LoraConfig) -> Vec<ParamSpec> {
+    let mut out = Vec::with_capacity(base.len() + base.len() / BLOCK_TENSORS * LORA_TENSORS);
+    let mut stream = base.len();
+    let mut it = base.into_iter().peekable();
+    while let Some(mut p) = it.next() {
+        p.trainable = p.unit == Unit::Head && !p.name.starts_with("ln_f.");
+        let block_end = match p.unit {
+            Unit::Block(i) if it.peek().is_none_or(|n| n.unit != Unit::Block(i)) => Some(i),
+            _ => None,
+        };
+        out.push(p);
+        if let Some(i) = block_end {
+            let first = out.len() - BLOCK_TENSORS;
+            for (target, w) in LORA_TARGETS {
+                let shape = &out[first + w].shape;
+                let (din, dout) = (shape[0], shape[1]);
+                let p = |suffix: &str, shape: Vec<usize>, init, stream| ParamSpec {
+                    name: format!("h.{i}.{target}.{suffix}"),
+                    shape,
+                    unit: Unit::Block(i),
+                    init,
+                    trainable: true,
+                    stream,
+                };
+                let a = p("lora_a", vec![din, lora.rank], Init::Normal(1.0 / (din as f64).sqrt()), stream);
+                let b = p("lora_b", vec![lora.rank, dout], Init::Zeros, stream + 1);
+                stream += 2;
+                out.extend([a, b]);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `name` is an adapter tensor.
+pub fn is_adapter(name: &str) -> bool {
+    name.ends_with(".lora_a") || name.ends_with(".lora_b")
+}
+
+/// Folds adapters into their base weights (`W += scale A B`) and drops them: the plain GPT-2
+/// tensors of what a LoRA model computes, for export and for the next stage.
+pub fn merge_lora(w: &mut std::collections::BTreeMap<String, Tensor>, lora: LoraConfig) -> Result<()> {
+    let names: Vec<String> = w.keys().filter(|n| n.ends_with(".lora_a")).cloned().collect();
+    for a_name in names {
+        let stem = a_name.trim_end_matches(".lora_a");
+        let missing = |n: &str| HarnessError::Config(format!("LoRA weights lack {n}"));
+        let b_name = format!("{stem}.lora_b");
+        let w_name = format!("{stem}.weight");
+        let a = w.remove(&a_name).ok_or_else(|| missing(&a_name))?;
+        let b = w.remove(&b_name).ok_or_else(|| missing(&b_name))?;
+        let base = w.get(&w_name).ok_or_else(|| missing(&w_name))?;
+        let delta = a.to_kind(Kind::Float).f_matmul(&b.to_kind(Kind::Float))?;
+        if delta.size() != base.size() {
+            return Err(HarnessError::Config(format!("{stem}: adapters make {:?}, the weight is {:?}", delta.size(), base.size())));
+        }
+        let merged = base.to_kind(Kind::Float) + delta * lora.scale();
+        w.insert(w_name, merged);
+    }
+    if let Some(b) = w.keys().find(|n| n.ends_with(".lora_b")) {
+        return Err(HarnessError::Config(format!("LoRA weights: {b} has no lora_a")));
+    }
+    Ok(())
 }
 
 /// A parameter's initial value (CPU, fp32), drawn from its own stream of a ChaCha generator
@@ -244,14 +348,30 @@ pub struct KvCache {
     pub v: Option<Tensor>,
 }
 
-/// One pre-LayerNorm transformer block. `p` holds the block's tensors in `param_specs` order.
-/// With `cache`, `x` holds only the new positions and keys/values are appended.
-pub fn block(p: &[Tensor], x: &Tensor, n_head: usize, cache: Option<&mut KvCache>) -> Tensor {
+/// `x W + b`, plus `scale x A B` when the linear carries adapters.
+fn linear(x: &Tensor, p: &[Tensor], w: usize, lora: Option<(usize, f64)>) -> Tensor {
+    let y = x.matmul(&p[w]) + &p[w + 1];
+    match lora {
+        Some((k, scale)) => {
+            let (a, b) = (&p[BLOCK_TENSORS + 2 * k], &p[BLOCK_TENSORS + 2 * k + 1]);
+            y + x.matmul(a).matmul(b) * scale
+        }
+        None => y,
+    }
+}
+
+/// One pre-LayerNorm transformer block. `p` holds the block's tensors in `param_specs` order,
+/// followed by its adapters (`lora_specs` order) for a LoRA model, whose output they add
+/// scaled by `lora_scale`. With `cache`, `x` holds only the new positions and keys/values are
+/// appended.
+pub fn block(p: &[Tensor], x: &Tensor, n_head: usize, lora_scale: f64, cache: Option<&mut KvCache>) -> Tensor {
+    let has_lora = p.len() == BLOCK_TENSORS + LORA_TENSORS;
+    let lin = |x: &Tensor, k: usize| linear(x, p, LORA_TARGETS[k].1, has_lora.then_some((k, lora_scale)));
     let (b, t, c) = x.size3().expect("block input is [B, T, C]");
     let h = n_head as i64;
     let hd = c / h;
     let a = x.layer_norm([c], Some(&p[0]), Some(&p[1]), 1e-5, false);
-    let qkv = a.matmul(&p[2]) + &p[3];
+    let qkv = lin(&a, 0);
     let parts = qkv.split(c, -1);
     let heads = |z: &Tensor| z.reshape([b, t, h, hd]).transpose(1, 2);
     let (q, mut k, mut v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
@@ -269,9 +389,9 @@ pub fn block(p: &[Tensor], x: &Tensor, n_head: usize, cache: Option<&mut KvCache
     }
     let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, None, false);
     let y = y.transpose(1, 2).reshape([b, t, c]);
-    let x = x + y.matmul(&p[4]) + &p[5];
+    let x = x + lin(&y, 1);
     let m = x.layer_norm([c], Some(&p[6]), Some(&p[7]), 1e-5, false);
-    let m = (m.matmul(&p[8]) + &p[9]).gelu("tanh").matmul(&p[10]) + &p[11];
+    let m = lin(&lin(&m, 2).gelu("tanh"), 3);
     x + m
 }
 
@@ -308,11 +428,11 @@ pub fn units(specs: &[ParamSpec], n_layer: usize) -> Units {
     }
 }
 
-/// Forward of the whole model over plain tensors (`p` in `param_specs` order).
-pub fn forward_all(c: &GptConfig, kind: HeadKind, u: &Units, p: &[Tensor], ids: &Tensor) -> Tensor {
+/// Forward of the whole model over plain tensors (`p` in `param_specs` or `lora_specs` order).
+pub fn forward_all(c: &GptConfig, kind: HeadKind, u: &Units, p: &[Tensor], lora_scale: f64, ids: &Tensor) -> Tensor {
     let mut x = embed(&p[0], &p[1], ids, 0);
     for r in &u.blocks {
-        x = block(&p[r.clone()], &x, c.n_head, None);
+        x = block(&p[r.clone()], &x, c.n_head, lora_scale, None);
     }
     head(kind, &p[u.head.clone()], Some(&p[0]), &x)
 }
@@ -361,6 +481,8 @@ mod tests {
             shape: vec![3 << 20 | 1],
             init: Init::Normal(0.5),
             unit: Unit::Block(0),
+            trainable: true,
+            stream: 4,
         };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         rng.set_stream(4);
@@ -376,6 +498,63 @@ mod tests {
         want.truncate(spec.numel());
         let got: Vec<f32> = Vec::try_from(&init_tensor(&spec, 9, 4)).unwrap();
         assert!(got == want, "the threaded draw differs from the sequential one");
+    }
+
+    #[test]
+    fn lora_freezes_the_base_and_adds_two_adapters_per_linear() {
+        let c = GptConfig::parse("2x32x4", 50, 16).unwrap();
+        let lora = LoraConfig { rank: 4, alpha: 8.0 };
+        let specs = lora_specs(param_specs(&c, HeadKind::Score), lora);
+        assert_eq!(specs.len(), param_specs(&c, HeadKind::Score).len() + 2 * LORA_TENSORS);
+        let u = units(&specs, c.n_layer);
+        for (i, r) in u.blocks.iter().enumerate() {
+            let names: Vec<&str> = specs[r.clone()].iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names.len(), BLOCK_TENSORS + LORA_TENSORS);
+            assert_eq!(names[BLOCK_TENSORS], format!("h.{i}.attn.c_attn.lora_a"));
+            assert_eq!(names[BLOCK_TENSORS + 7], format!("h.{i}.mlp.c_proj.lora_b"));
+        }
+        let fc_a = specs.iter().find(|s| s.name == "h.1.mlp.c_fc.lora_a").unwrap();
+        let fc_b = specs.iter().find(|s| s.name == "h.1.mlp.c_fc.lora_b").unwrap();
+        assert_eq!((fc_a.shape.clone(), fc_b.shape.clone()), (vec![32, 4], vec![4, 128]));
+        let trainable: Vec<&str> = specs.iter().filter(|s| s.trainable && !is_adapter(&s.name)).map(|s| s.name.as_str()).collect();
+        assert_eq!(trainable, ["score.weight"], "only the new scalar head trains in full");
+        assert!(specs.iter().filter(|s| is_adapter(&s.name)).all(|s| s.trainable));
+        assert!(lora_specs(param_specs(&c, HeadKind::Lm), lora).iter().all(|s| s.trainable == is_adapter(&s.name)));
+    }
+
+    #[test]
+    fn adapters_start_at_the_base_model_and_merge_into_what_they_compute() {
+        let c = GptConfig::parse("2x32x4", 50, 16).unwrap();
+        let lora = LoraConfig { rank: 4, alpha: 8.0 };
+        let base = param_specs(&c, HeadKind::Lm);
+        let specs = lora_specs(base.clone(), lora);
+        let mut p: Vec<Tensor> = specs.iter().map(|s| init_tensor(s, 3, s.stream)).collect();
+        let plain: Vec<Tensor> = base.iter().enumerate().map(|(i, s)| init_tensor(s, 3, i)).collect();
+        let ids = Tensor::from_slice(&[3i64, 7, 1, 9, 4, 2]).reshape([1, 6]);
+        let (ul, ub) = (units(&specs, c.n_layer), units(&base, c.n_layer));
+        let with = forward_all(&c, HeadKind::Lm, &ul, &p, lora.scale(), &ids);
+        let without = forward_all(&c, HeadKind::Lm, &ub, &plain, 0.0, &ids);
+        assert!(with.equal(&without), "B = 0: the adapted model starts as the base");
+        // Trained adapters: every B non-zero.
+        for (s, t) in specs.iter().zip(p.iter_mut()) {
+            if s.name.ends_with(".lora_b") {
+                *t = Tensor::randn(t.size(), (Kind::Float, tch::Device::Cpu)) * 0.1;
+            }
+        }
+        let adapted = forward_all(&c, HeadKind::Lm, &ul, &p, lora.scale(), &ids);
+        assert!((&adapted - &without).abs().max().double_value(&[]) > 1e-2, "the adapters change the output");
+        let mut named: std::collections::BTreeMap<String, Tensor> = specs.iter().zip(&p).map(|(s, t)| (s.name.clone(), t.shallow_clone())).collect();
+        merge_lora(&mut named, lora).unwrap();
+        assert!(named.keys().all(|n| !is_adapter(n)));
+        let merged: Vec<Tensor> = base.iter().map(|s| named[&s.name].shallow_clone()).collect();
+        let out = forward_all(&c, HeadKind::Lm, &ub, &merged, 0.0, &ids);
+        let diff = (&adapted - &out).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "merged model differs by {diff}");
+        // A lone half of a pair is refused, naming it.
+        let mut broken: std::collections::BTreeMap<String, Tensor> = specs.iter().zip(&p).map(|(s, t)| (s.name.clone(), t.shallow_clone())).collect();
+        broken.remove("h.0.mlp.c_fc.lora_b");
+        let e = merge_lora(&mut broken, lora).unwrap_err().to_string();
+        assert!(e.contains("h.0.mlp.c_fc.lora_b"), "{e}");
     }
 
     #[test]
@@ -395,14 +574,14 @@ mod tests {
         let p: Vec<Tensor> = specs.iter().enumerate().map(|(i, s)| init_tensor(s, 3, i)).collect();
         let u = units(&specs, c.n_layer);
         let ids = Tensor::from_slice(&[3i64, 7, 1, 9, 4, 2]).reshape([1, 6]);
-        let full = forward_all(&c, HeadKind::Lm, &u, &p, &ids);
+        let full = forward_all(&c, HeadKind::Lm, &u, &p, 0.0, &ids);
         let mut caches: Vec<KvCache> = (0..c.n_layer).map(|_| KvCache::default()).collect();
         let mut outs = Vec::new();
         for (start, len) in [(0, 3), (3, 1), (4, 1), (5, 1)] {
             let part = ids.narrow(1, start, len);
             let mut x = embed(&p[0], &p[1], &part, start);
             for (r, cache) in u.blocks.iter().zip(caches.iter_mut()) {
-                x = block(&p[r.clone()], &x, c.n_head, Some(cache));
+                x = block(&p[r.clone()], &x, c.n_head, 0.0, Some(cache));
             }
             outs.push(head(HeadKind::Lm, &p[u.head.clone()], Some(&p[0]), &x));
         }

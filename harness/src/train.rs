@@ -173,6 +173,17 @@ pub struct TrainArgs {
     /// device keeps the forward pass's graphs instead, as the naive strategy does.
     #[arg(long)]
     pub recompute: bool,
+    /// Train low-rank adapters of this rank on every block's linears (attention and MLP) over
+    /// frozen base weights, whose chunks are read-only (no gradients, masters or moments; they
+    /// may stream from NVMe). A scalar head (reward model, critic) trains in full. 0: train
+    /// every weight. The checkpoint keeps base and adapters apart; `OUT/merged/` holds the
+    /// merged model.
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    /// LoRA scaling numerator: the adapters' output is multiplied by alpha / rank (default:
+    /// the rank, a multiplier of 1).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
     /// Write a Chrome trace (opens in Perfetto) of the chunked strategy's compute spans and
     /// transfers, one track per link, one process per model; the summary prints the share of
     /// transfer time hidden under compute (`stowage pipeline`: one file per stage,
@@ -185,6 +196,14 @@ impl TrainArgs {
     /// The compute precision asked for.
     pub fn compute_dtype(&self) -> DType {
         self.dtype()
+    }
+
+    /// The adapters asked for (None without --lora-rank).
+    pub fn lora(&self) -> Option<crate::model::LoraConfig> {
+        (self.lora_rank > 0).then(|| crate::model::LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64),
+        })
     }
 
     fn dtype(&self) -> DType {
@@ -208,7 +227,7 @@ pub fn build_engine(a: &TrainArgs, cfg: GptConfig, head: HeadKind, notes: &mut V
         max_norm: (a.clip > 0.0).then_some(a.clip),
         trainable: true,
     };
-    build_engine_with(a, ModelSpec::new(cfg, head), opts, notes)
+    build_engine_with(a, ModelSpec::with_lora(cfg, head, a.lora()), opts, notes)
 }
 
 /// Builds an engine for `spec` with `opts` under the options' strategy, device and budgets.
@@ -229,8 +248,10 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
             // 16 bytes per trainable parameter in fp32 (param, grad, two moments) and in
             // bf16/fp16 (2 + 2 + 4-byte master + moments), the dtype's size for a frozen one;
             // packing wastes a little: allow a quarter more.
-            let per_param = if opts.trainable { 16 } else { opts.dtype.size() as u64 };
-            let state = spec.numel() * per_param * 5 / 4 + (64 << 20);
+            let trained = if opts.trainable { spec.trainable_numel() } else { 0 };
+            let state_bytes = trained * 16 + (spec.numel() - trained) * opts.dtype.size() as u64;
+            let per_param = state_bytes / spec.numel().max(1);
+            let state = state_bytes * 5 / 4 + (64 << 20);
             let choice = match a.device {
                 DeviceArg::Auto => DeviceChoice::Auto,
                 DeviceArg::Cuda => DeviceChoice::Cuda,
@@ -388,12 +409,18 @@ fn load_start(a: &TrainArgs, e: &mut dyn Engine, head: HeadKind, run: &Path) -> 
     }
     if let Some(init) = &a.init {
         let p = CkptPaths::new(init);
-        let c = p.read_config()?;
-        let mut w = load_tensors(&p.model())?;
+        let (c, mut w) = p.read_merged()?;
         if c.head != head {
             w.retain(|k, _| !k.starts_with("v_head.") && !k.starts_with("score."));
         }
-        let body: Vec<&str> = e.spec().params.iter().filter(|s| s.unit != crate::model::Unit::Head || s.name.starts_with("ln_f")).map(|s| s.name.as_str()).collect();
+        // Adapters start fresh (B = 0: the model computes what --init does).
+        let body: Vec<&str> = e
+            .spec()
+            .params
+            .iter()
+            .filter(|s| (s.unit != crate::model::Unit::Head || s.name.starts_with("ln_f")) && !crate::model::is_adapter(&s.name))
+            .map(|s| s.name.as_str())
+            .collect();
         if let Some(missing) = body.iter().find(|n| !w.contains_key(**n)) {
             return Err(HarnessError::Checkpoint {
                 path: p.model(),
@@ -431,6 +458,15 @@ pub fn resume_engine(e: &mut dyn Engine, dir: &Path, head: HeadKind) -> Result<u
     if c.head != head || c.model != e.spec().cfg {
         return Err(HarnessError::Config(format!("--resume: {} holds a different model ({} {:?})", p.dir.display(), c.model.name, c.head)));
     }
+    if c.lora != e.spec().lora {
+        let show = |l: Option<crate::model::LoraConfig>| l.map_or("no adapters".to_string(), |l| format!("LoRA rank {} alpha {}", l.rank, l.alpha));
+        return Err(HarnessError::Config(format!(
+            "--resume: {} was trained with {}, this run asks for {}: give the same --lora-rank/--lora-alpha",
+            p.dir.display(),
+            show(c.lora),
+            show(e.spec().lora)
+        )));
+    }
     let w = load_tensors(&p.model())?;
     check_complete(e, &w, &p.model())?;
     e.import(&w)?;
@@ -454,11 +490,36 @@ pub fn write_checkpoint_files(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind
         step,
         seed,
         scaler: e.scaler_state(),
+        lora: e.spec().lora,
     };
     let p = CkptPaths::new(dir);
     save_tensors(&p.model(), &model)?;
     save_tensors(&p.optimizer(), &opt)?;
     p.write_config(&cfg)
+}
+
+/// For a LoRA model, writes the merged model (adapters folded into the base weights: plain
+/// GPT-2 tensors `transformers` loads) with its config to `dir`; nothing otherwise.
+pub fn save_merged(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind, seed: u64) -> Result<()> {
+    let Some(lora) = e.spec().lora else { return Ok(()) };
+    let mut w: BTreeMap<String, Tensor> = e.export()?.into_iter().collect();
+    crate::model::merge_lora(&mut w, lora)?;
+    let cfg = CkptConfig {
+        model: e.spec().cfg.clone(),
+        head: e.spec().head,
+        tokenizer: tok,
+        step: e.steps(),
+        seed,
+        scaler: None,
+        lora: None,
+    };
+    // In first-use order, as the other checkpoints are written.
+    let model: Vec<(String, Tensor)> = crate::model::param_specs(&cfg.model, cfg.head).into_iter().filter_map(|s| w.remove(&s.name).map(|t| (s.name, t))).collect();
+    crate::ckpt::commit_dir(dir, |tmp| {
+        let p = CkptPaths::new(tmp);
+        save_tensors(&p.model(), &model)?;
+        p.write_config(&cfg)
+    })
 }
 
 /// Saves weights, moments and config under `dir`.
@@ -570,6 +631,9 @@ fn train_loop(a: &TrainArgs, e: &mut dyn Engine, tok: &Tokenizer, run: &mut Run,
             save_checkpoint(e, &a.out.join("checkpoint"), tok.kind(), a.seed)?;
         }
     }
+    if end == a.steps {
+        save_merged(e, &a.out.join("merged"), tok.kind(), a.seed)?;
+    }
     run.bar.finish_and_clear();
     Ok((last_loss, metric))
 }
@@ -630,11 +694,12 @@ pub fn run_sft(a: &TrainArgs) -> Result<Value> {
 /// from a reward model's body, a value head fresh).
 pub fn load_weights(e: &mut dyn Engine, dir: &Path, head_from: HeadKind) -> Result<()> {
     let p = CkptPaths::new(dir);
-    let mut w = load_tensors(&p.model())?;
+    let (_, mut w) = p.read_merged()?;
     if head_from != e.spec().head {
         w.retain(|k, _| !k.starts_with("v_head.") && !k.starts_with("score."));
     }
-    if let Some(missing) = e.spec().params.iter().find(|s| !w.contains_key(&s.name) && !s.name.starts_with("v_head.") && !s.name.starts_with("score.")) {
+    let fresh = |n: &str| n.starts_with("v_head.") || n.starts_with("score.") || crate::model::is_adapter(n);
+    if let Some(missing) = e.spec().params.iter().find(|s| !w.contains_key(&s.name) && !fresh(&s.name)) {
         return Err(HarnessError::Checkpoint {
             path: p.model(),
             msg: format!("lacks {}", missing.name),

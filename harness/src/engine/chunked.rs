@@ -99,16 +99,24 @@ pub struct Chunked {
     opts: TrainOpts,
     copts: ChunkedOpts,
     mgr: Manager,
-    group: usize,
+    /// The group of trainable tensors (every role), if any.
+    train: Option<usize>,
+    /// The group of frozen tensors (parameters only: a LoRA base, an inference-only model).
+    frozen: Option<usize>,
+    /// Per manager group: the spec index of each of its tensors.
+    group_tensors: Vec<Vec<usize>>,
     tids: Vec<TensorId>,
+    /// Roles of the trainable group.
     roles: Vec<(Role, DType)>,
     /// Per unit (0: embedding, 1..=L: blocks, L+1: head): the tensors it uses.
     unit_tensors: Vec<Vec<usize>>,
-    unit_chunks: Vec<Vec<usize>>,
+    /// Per unit: its chunks as (group, index).
+    unit_chunks: Vec<Vec<(usize, usize)>>,
     /// Per tensor: the backward position at which its gradient is first written / final.
     first_write: Vec<usize>,
     final_at: Vec<usize>,
-    /// Per backward position: the chunks whose gradients are all final after it.
+    /// Per backward position: the trainable group's chunks whose gradients are all final
+    /// after it.
     chunks_final: Vec<Vec<usize>>,
     adam: CpuAdam,
     step: u64,
@@ -152,10 +160,10 @@ impl Chunked {
     /// the parameters from `seed` and declares the step's access schedule.
     pub fn new(spec: ModelSpec, opts: TrainOpts, copts: ChunkedOpts, seed: u64) -> Result<Self> {
         let roles: Vec<(Role, DType)> = match opts.dtype {
-            d if !opts.trainable => vec![(Role::Param, d)],
             DType::F32 => vec![(Role::Param, DType::F32), (Role::Grad, DType::F32), (Role::Moment1, DType::F32), (Role::Moment2, DType::F32)],
             d => vec![(Role::Param, d), (Role::Grad, d), (Role::Master, DType::F32), (Role::Moment1, DType::F32), (Role::Moment2, DType::F32)],
         };
+        let trainable: Vec<bool> = spec.params.iter().map(|p| opts.trainable && p.trainable).collect();
         let max_numel = spec.params.iter().map(|p| p.numel()).max().unwrap_or(1);
         let chunk_size = match copts.chunk_elems {
             Some(n) => ChunkSize::Fixed(n),
@@ -173,9 +181,36 @@ impl Chunked {
             trace: copts.trace,
         };
         let mut b = Manager::builder(cfg);
-        let group = b.group(&spec.cfg.name, &roles);
-        let tids: Vec<TensorId> = spec.params.iter().map(|p| b.tensor(group, &p.name, &p.shape)).collect();
+        // Trainable tensors in one group with every role; frozen ones (a LoRA base, an
+        // inference-only model) in another holding parameters only: no gradient, master or
+        // moment chunks exist for them, and their chunks are never written after loading.
+        let mut group_tensors: Vec<Vec<usize>> = Vec::new();
+        let mut tids: Vec<Option<TensorId>> = vec![None; spec.params.len()];
+        let mut make_group = |b: &mut stowage_memory::ManagerBuilder, name: String, roles: &[(Role, DType)], want: bool| {
+            let members: Vec<usize> = (0..spec.params.len()).filter(|&t| trainable[t] == want).collect();
+            if members.is_empty() {
+                return None;
+            }
+            let g = b.group(&name, roles);
+            for &t in &members {
+                tids[t] = Some(b.tensor(g, &spec.params[t].name, &spec.params[t].shape));
+            }
+            group_tensors.push(members);
+            Some(g)
+        };
+        let train = make_group(&mut b, spec.cfg.name.clone(), &roles, true);
+        let frozen_name = if train.is_some() { format!("{}.frozen", spec.cfg.name) } else { spec.cfg.name.clone() };
+        let frozen = make_group(&mut b, frozen_name, &[(Role::Param, opts.dtype)], false);
+        let tids: Vec<TensorId> = tids.into_iter().map(|t| t.expect("every tensor is in a group")).collect();
         let mgr = b.build()?;
+        let roles = if train.is_some() { roles } else { Vec::new() };
+        // Where each tensor sits: (group, chunk).
+        let mut chunk_of = vec![(0, 0); spec.params.len()];
+        for (g, members) in group_tensors.iter().enumerate() {
+            for (k, info) in mgr.layout(g).tensors.iter().enumerate() {
+                chunk_of[members[k]] = (g, info.placement.chunk);
+            }
+        }
 
         let l = spec.cfg.n_layer;
         let u = &spec.units;
@@ -186,11 +221,10 @@ impl Chunked {
             h.push(0); // the tied token embedding
         }
         unit_tensors.push(h);
-        let layout = mgr.layout(group);
-        let unit_chunks: Vec<Vec<usize>> = unit_tensors
+        let unit_chunks: Vec<Vec<(usize, usize)>> = unit_tensors
             .iter()
             .map(|ts| {
-                let mut c: Vec<usize> = ts.iter().map(|&t| layout.tensors[t].placement.chunk).collect();
+                let mut c: Vec<(usize, usize)> = ts.iter().map(|&t| chunk_of[t]).collect();
                 c.sort_unstable();
                 c.dedup();
                 c
@@ -206,28 +240,36 @@ impl Chunked {
                 final_at[t] = j;
             }
         }
-        let n_chunks = layout.chunk_sizes.len();
-        let mut chunk_final = vec![0; n_chunks];
-        for (t, info) in layout.tensors.iter().enumerate() {
-            let c = info.placement.chunk;
-            chunk_final[c] = chunk_final[c].max(final_at[t]);
-        }
         let mut chunks_final = vec![Vec::new(); n_pos];
-        for (c, &j) in chunk_final.iter().enumerate() {
-            chunks_final[j].push(c);
+        if let Some(g) = train {
+            let mut chunk_final = vec![0; mgr.layout(g).chunk_sizes.len()];
+            for &t in &group_tensors[g] {
+                let c = chunk_of[t].1;
+                chunk_final[c] = chunk_final[c].max(final_at[t]);
+            }
+            for (c, &j) in chunk_final.iter().enumerate() {
+                chunks_final[j].push(c);
+            }
         }
 
         // What the budgets must hold.
-        let bytes = |i: usize, r: Role| layout.chunk_bytes(i, r).unwrap_or(0) as u64;
+        let bytes = |g: usize, i: usize, r: Role| mgr.layout(g).chunk_bytes(i, r).unwrap_or(0) as u64;
         let mut fp = Footprint::default();
-        for &(r, _) in &roles {
-            let t: u64 = (0..n_chunks).map(|i| bytes(i, r)).sum();
-            fp.per_role.insert(role_name(r).into(), t);
-            fp.total += t;
-            fp.largest_chunk = fp.largest_chunk.max((0..n_chunks).map(|i| bytes(i, r)).max().unwrap_or(0));
+        for g in 0..group_tensors.len() {
+            let layout = mgr.layout(g);
+            let n = layout.chunk_sizes.len();
+            for r in [Role::Param, Role::Grad, Role::Master, Role::Moment1, Role::Moment2] {
+                if layout.dtype(r).is_none() {
+                    continue;
+                }
+                let t: u64 = (0..n).map(|i| bytes(g, i, r)).sum();
+                *fp.per_role.entry(role_name(r).into()).or_default() += t;
+                fp.total += t;
+                fp.largest_chunk = fp.largest_chunk.max((0..n).map(|i| bytes(g, i, r)).max().unwrap_or(0));
+            }
         }
-        fp.unit_max = unit_chunks.iter().map(|cs| cs.iter().map(|&i| bytes(i, Role::Param) + bytes(i, Role::Grad)).sum()).max().unwrap_or(0);
-        fp.update_max = (0..n_chunks).map(|i| roles.iter().map(|&(r, _)| bytes(i, r)).sum()).max().unwrap_or(0);
+        fp.unit_max = unit_chunks.iter().map(|cs| cs.iter().map(|&(g, i)| bytes(g, i, Role::Param) + bytes(g, i, Role::Grad)).sum()).max().unwrap_or(0);
+        fp.update_max = train.map_or(0, |g| (0..mgr.layout(g).chunk_sizes.len()).map(|i| roles.iter().map(|&(r, _)| bytes(g, i, r)).sum()).max().unwrap_or(0));
         let t = copts.tiers.clone();
         let device_budget = if t.device.choice == stowage_memory::DeviceChoice::None { 0 } else { t.device.budget };
         let need_device = fp.unit_max.max(fp.update_max);
@@ -286,7 +328,9 @@ impl Chunked {
             opts,
             copts,
             mgr,
-            group,
+            train,
+            frozen,
+            group_tensors,
             tids,
             roles,
             unit_tensors,
@@ -326,15 +370,36 @@ impl Chunked {
         self.roles.iter().any(|r| r.0 == Role::Master)
     }
 
-    fn refs(&self, chunks: &[usize], role: Role) -> Vec<ChunkRef> {
-        chunks.iter().map(|&index| ChunkRef { group: self.group, index, role }).collect()
+    /// The `role` chunks among `chunks` (parameters exist in every group, the other roles in
+    /// the trainable group only).
+    fn refs(&self, chunks: &[(usize, usize)], role: Role) -> Vec<ChunkRef> {
+        chunks
+            .iter()
+            .filter(|&&(g, _)| role == Role::Param || Some(g) == self.train)
+            .map(|&(group, index)| ChunkRef { group, index, role })
+            .collect()
     }
 
-    fn n_chunks(&self) -> usize {
-        self.mgr.layout(self.group).chunk_sizes.len()
+    /// Every chunk of `group`.
+    fn group_chunks(&self, group: usize) -> Vec<(usize, usize)> {
+        (0..self.mgr.layout(group).chunk_sizes.len()).map(|i| (group, i)).collect()
     }
 
-    /// Chunks in the order their updates run: as their gradients become final.
+    /// Every chunk of every group.
+    fn all_chunks(&self) -> Vec<(usize, usize)> {
+        (0..self.group_tensors.len()).flat_map(|g| self.group_chunks(g)).collect()
+    }
+
+    /// Spec indices of the tensors in chunk `c` of `group`.
+    fn tensors_in(&self, group: usize, c: usize) -> Vec<usize> {
+        self.mgr.layout(group).tensors_in(c).map(|(k, _)| self.group_tensors[group][k]).collect()
+    }
+
+    fn trainable(&self, t: usize) -> bool {
+        self.opts.trainable && self.spec.params[t].trainable
+    }
+
+    /// Trainable chunks in the order their updates run: as their gradients become final.
     fn update_order(&self) -> Vec<usize> {
         self.chunks_final.iter().flatten().copied().collect()
     }
@@ -355,9 +420,11 @@ impl Chunked {
             s.extend(self.refs(&self.unit_chunks[u], Role::Param));
             s.extend(self.refs(&self.unit_chunks[u], Role::Grad));
         }
-        for c in self.update_order() {
-            for &(r, _) in &self.roles {
-                s.push(ChunkRef { group: self.group, index: c, role: r });
+        if let Some(group) = self.train {
+            for c in self.update_order() {
+                for &(r, _) in &self.roles {
+                    s.push(ChunkRef { group, index: c, role: r });
+                }
             }
         }
         s
@@ -371,17 +438,15 @@ impl Chunked {
 
     /// Writes initial values chunk by chunk.
     fn initialise(&mut self, seed: u64) -> Result<()> {
-        let n = self.n_chunks();
-        for c in 0..n {
-            let ts: Vec<usize> = self.mgr.layout(self.group).tensors_in(c).map(|(t, _)| t).collect();
-            let values: Vec<(usize, Tensor)> = ts.iter().map(|&t| (t, init_tensor(&self.spec.params[t], seed, t))).collect();
-            self.write_params(c, &values)?;
+        for (g, c) in self.all_chunks() {
+            let values: Vec<(usize, Tensor)> = self.tensors_in(g, c).into_iter().map(|t| (t, init_tensor(&self.spec.params[t], seed, self.spec.params[t].stream))).collect();
+            self.write_params((g, c), &values)?;
         }
         Ok(())
     }
 
     /// Sets tensors of chunk `c` (parameter and master copies) from CPU tensors.
-    fn write_params(&self, c: usize, values: &[(usize, Tensor)]) -> Result<()> {
+    fn write_params(&self, c: (usize, usize), values: &[(usize, Tensor)]) -> Result<()> {
         let mut refs = self.refs(&[c], Role::Param);
         if self.has_master() {
             refs.extend(self.refs(&[c], Role::Master));
@@ -409,7 +474,7 @@ impl Chunked {
         if u == 0 {
             embed(&p[0], &p[1], x, pos)
         } else if u <= l {
-            block(p, x, self.spec.cfg.n_head, cache)
+            block(p, x, self.spec.cfg.n_head, self.spec.lora_scale(), cache)
         } else {
             let own = self.spec.units.head.len();
             head(self.spec.head, &p[..own], p.get(own), x).to_kind(Kind::Float)
@@ -447,15 +512,13 @@ impl Chunked {
             Some(_) => None,
             None => Some(self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Param), Mode::Read)?),
         };
-        let ga = self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Grad), Mode::Write)?;
+        let grad_refs = self.refs(&self.unit_chunks[u], Role::Grad);
+        let ga = if grad_refs.is_empty() { None } else { Some(self.mgr.access(&grad_refs, Mode::Write)?) };
         let (dx, loss_value) = {
             let UnitGraph { leaves, x, out } = match (kept, &pa) {
                 (Some(g), _) => g,
                 (None, Some(pa)) => {
-                    let leaves = self.unit_tensors[u]
-                        .iter()
-                        .map(|&t| Ok(view_on(pa, self.tids[t], Role::Param, &self.spec.params[t].shape_i64(), self.ordinal)?.tracked()))
-                        .collect::<Result<Vec<Tensor>>>()?;
+                    let leaves = self.unit_tensors[u].iter().map(|&t| self.leaf(pa, t)).collect::<Result<Vec<Tensor>>>()?;
                     self.unit_graph(u, leaves, input)
                 }
                 (None, None) => unreachable!("a recomputed unit holds its parameter access"),
@@ -469,13 +532,17 @@ impl Chunked {
                 }
                 Some(dy) => ((&out * dy).sum(Kind::Float), None),
             };
-            let mut inputs: Vec<&Tensor> = leaves.iter().collect();
+            let trained: Vec<usize> = self.unit_tensors[u].iter().copied().filter(|&t| self.trainable(t)).collect();
+            let mut inputs: Vec<&Tensor> = self.unit_tensors[u].iter().zip(&leaves).filter(|(&t, _)| self.trainable(t)).map(|(_, l)| l).collect();
             if u != 0 {
                 inputs.push(&x);
             }
-            let grads = Tensor::f_run_backward(&[&objective], &inputs, false, false)?;
-            for (k, &t) in self.unit_tensors[u].iter().enumerate() {
-                let gv = view_mut(&ga, self.tids[t], Role::Grad, &self.spec.params[t].shape_i64(), self.ordinal)?;
+            // A unit with nothing to train and no input gradient to pass back (the embedding
+            // of a LoRA model) needs no backward pass.
+            let grads = if inputs.is_empty() { Vec::new() } else { Tensor::f_run_backward(&[&objective], &inputs, false, false)? };
+            for (k, &t) in trained.iter().enumerate() {
+                let ga = ga.as_ref().expect("a unit with trainable tensors holds its gradient chunks");
+                let gv = view_mut(ga, self.tids[t], Role::Grad, &self.spec.params[t].shape_i64(), self.ordinal)?;
                 let mut dst = gv.shallow_clone();
                 tch::no_grad(|| if self.first_write[t] == j { dst.f_copy_(&grads[k]) } else { dst.f_add_(&grads[k]).map(|_| ()) })?;
                 if self.final_at[t] == j {
@@ -490,6 +557,13 @@ impl Chunked {
         }
         drop(ga);
         Ok((dx, loss_value))
+    }
+
+    /// The parameter tensor `t` from an access: a leaf autograd tracks when it trains, a plain
+    /// view otherwise.
+    fn leaf(&self, a: &stowage_memory::Access<'_>, t: usize) -> Result<Tensor> {
+        let v = view_on(a, self.tids[t], Role::Param, &self.spec.params[t].shape_i64(), self.ordinal)?;
+        Ok(if self.trainable(t) { v.tracked() } else { v.shallow_clone() })
     }
 
     /// Unit `u` with autograd over the tracked parameter `leaves`; the input is cut from the
@@ -509,16 +583,13 @@ impl Chunked {
         // unit's graph is kept from the forward pass, so the backward pass recomputes nothing
         // (what the naive strategy does, with the same activation memory).
         let all = if self.keep_graph {
-            let all: Vec<usize> = (0..self.n_chunks()).collect();
-            Some(self.mgr.access(&self.refs(&all, Role::Param), Mode::Read)?)
+            Some(self.mgr.access(&self.refs(&self.all_chunks(), Role::Param), Mode::Read)?)
         } else {
             None
         };
         let mut graphs: Vec<Option<UnitGraph>> = Vec::with_capacity(l + 2);
         if let Some(pa) = &all {
-            let leaves = (0..self.tids.len())
-                .map(|t| Ok(view_on(pa, self.tids[t], Role::Param, &self.spec.params[t].shape_i64(), self.ordinal)?.tracked()))
-                .collect::<Result<Vec<Tensor>>>()?;
+            let leaves = (0..self.tids.len()).map(|t| self.leaf(pa, t)).collect::<Result<Vec<Tensor>>>()?;
             for u in 0..l + 2 {
                 let g = self.unit_graph(u, self.unit_tensors[u].iter().map(|&t| leaves[t].shallow_clone()).collect(), &inputs[u]);
                 if u <= l {
@@ -561,7 +632,8 @@ impl Chunked {
 
     /// Updates chunk `c` (every role of it at once on the device).
     fn update_chunk(&self, c: usize, step: u64, mult: f32) -> Result<()> {
-        let refs: Vec<ChunkRef> = self.roles.iter().map(|&(role, _)| ChunkRef { group: self.group, index: c, role }).collect();
+        let group = self.train.ok_or_else(frozen_error)?;
+        let refs: Vec<ChunkRef> = self.roles.iter().map(|&(role, _)| ChunkRef { group, index: c, role }).collect();
         let mut a = self.mgr.access(&refs, Mode::Write)?;
         let dtype = self.opts.dtype;
         if a.cpu_addressable() {
@@ -597,15 +669,16 @@ impl Chunked {
         Ok(())
     }
 
-    /// Copies tensors of `role` out to the CPU as fp32.
-    fn read_role(&self, role: Role, name: impl Fn(&str) -> String) -> Result<Vec<(String, Tensor)>> {
+    /// Copies the tensors of `group` out of their `role` chunks to the CPU as fp32, with their
+    /// spec indices.
+    fn read_role(&self, group: usize, role: Role, name: impl Fn(&str) -> String) -> Result<Vec<(usize, String, Tensor)>> {
         let mut out = Vec::with_capacity(self.tids.len());
-        for c in 0..self.n_chunks() {
+        for c in self.group_chunks(group) {
             let a = self.mgr.access(&self.refs(&[c], role), Mode::Read)?;
-            for (t, _) in self.mgr.layout(self.group).tensors_in(c) {
+            for t in self.tensors_in(c.0, c.1) {
                 let s = &self.spec.params[t];
                 let v = view_on(&a, self.tids[t], role, &s.shape_i64(), self.ordinal)?;
-                out.push((name(&s.name), v.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.copy()));
+                out.push((t, name(&s.name), v.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.copy()));
             }
             self.sync();
         }
@@ -690,14 +763,22 @@ impl Engine for Chunked {
     }
 
     fn export(&mut self) -> Result<Vec<(String, Tensor)>> {
-        let role = if self.has_master() { Role::Master } else { Role::Param };
-        self.read_role(role, |n| n.to_string())
+        let mut out = Vec::with_capacity(self.tids.len());
+        if let Some(g) = self.train {
+            // The fp32 masters where the parameters are 16-bit.
+            out.extend(self.read_role(g, if self.has_master() { Role::Master } else { Role::Param }, |n| n.to_string())?);
+        }
+        if let Some(g) = self.frozen {
+            out.extend(self.read_role(g, Role::Param, |n| n.to_string())?);
+        }
+        out.sort_by_key(|e| e.0);
+        Ok(out.into_iter().map(|(_, n, t)| (n, t)).collect())
     }
 
     fn import(&mut self, named: &BTreeMap<String, Tensor>) -> Result<()> {
-        for c in 0..self.n_chunks() {
+        for c in self.all_chunks() {
             let mut values = Vec::new();
-            for (t, _) in self.mgr.layout(self.group).tensors_in(c) {
+            for t in self.tensors_in(c.0, c.1) {
                 let s = &self.spec.params[t];
                 if let Some(v) = named.get(&s.name) {
                     check_shape(&s.name, &s.shape_i64(), v)?;
@@ -712,22 +793,18 @@ impl Engine for Chunked {
     }
 
     fn export_optimizer(&mut self) -> Result<(u64, Vec<(String, Tensor)>)> {
-        if !self.opts.trainable {
-            return Err(frozen_error());
-        }
-        let mut out = self.read_role(Role::Moment1, |n| format!("{n}.exp_avg"))?;
-        out.extend(self.read_role(Role::Moment2, |n| format!("{n}.exp_avg_sq"))?);
-        Ok((self.step, out))
+        let g = self.train.ok_or_else(frozen_error)?;
+        let mut out = self.read_role(g, Role::Moment1, |n| format!("{n}.exp_avg"))?;
+        out.extend(self.read_role(g, Role::Moment2, |n| format!("{n}.exp_avg_sq"))?);
+        Ok((self.step, out.into_iter().map(|(_, n, t)| (n, t)).collect()))
     }
 
     fn import_optimizer(&mut self, step: u64, named: &BTreeMap<String, Tensor>) -> Result<()> {
-        if !self.opts.trainable {
-            return Err(frozen_error());
-        }
+        let g = self.train.ok_or_else(frozen_error)?;
         for (role, suffix) in [(Role::Moment1, "exp_avg"), (Role::Moment2, "exp_avg_sq")] {
-            for c in 0..self.n_chunks() {
+            for c in self.group_chunks(g) {
                 let a = self.mgr.access(&self.refs(&[c], role), Mode::Write)?;
-                for (t, _) in self.mgr.layout(self.group).tensors_in(c) {
+                for t in self.tensors_in(c.0, c.1) {
                     let s = &self.spec.params[t];
                     let name = format!("{}.{suffix}", s.name);
                     let v = named.get(&name).ok_or_else(|| HarnessError::Config(format!("optimizer state lacks {name}")))?;
@@ -783,8 +860,9 @@ impl Engine for Chunked {
     fn notes(&self) -> Vec<String> {
         let mut n = self.notes.clone();
         n.push(format!(
-            "chunked: {} chunks per role, model state {} ({}); policy {}; backward {}; update {}",
-            self.n_chunks(),
+            "chunked: {} chunks per role{}, model state {} ({}); policy {}; backward {}; update {}",
+            self.train.map_or(0, |g| self.mgr.layout(g).chunk_sizes.len()),
+            self.frozen.map_or(String::new(), |g| format!(" (+{} frozen parameter chunks)", self.mgr.layout(g).chunk_sizes.len())),
             human(self.footprint.total),
             self.footprint.per_role.iter().map(|(k, v)| format!("{k} {}", human(*v))).collect::<Vec<_>>().join(", "),
             self.copts.policy.name(),

@@ -13,26 +13,46 @@ use stowage_memory::DType;
 use tch::{Device, Tensor};
 
 use crate::error::Result;
-use crate::model::{param_specs, units, GptConfig, HeadKind, KvCache, ParamSpec, Units};
+use crate::model::{lora_specs, param_specs, units, GptConfig, HeadKind, KvCache, LoraConfig, ParamSpec, Units};
 
 /// A model's shape, head and parameter list.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
     pub cfg: GptConfig,
     pub head: HeadKind,
+    /// Low-rank adapters over a frozen base (`params` then holds both).
+    pub lora: Option<LoraConfig>,
     pub params: Vec<ParamSpec>,
     pub units: Units,
 }
 
 impl ModelSpec {
     pub fn new(cfg: GptConfig, head: HeadKind) -> Self {
-        let params = param_specs(&cfg, head);
+        Self::with_lora(cfg, head, None)
+    }
+
+    /// The model with adapters on a frozen base when `lora` is given.
+    pub fn with_lora(cfg: GptConfig, head: HeadKind, lora: Option<LoraConfig>) -> Self {
+        let mut params = param_specs(&cfg, head);
+        if let Some(l) = lora {
+            params = lora_specs(params, l);
+        }
         let units = units(&params, cfg.n_layer);
-        ModelSpec { cfg, head, params, units }
+        ModelSpec { cfg, head, lora, params, units }
     }
 
     pub fn numel(&self) -> u64 {
         self.params.iter().map(|p| p.numel() as u64).sum()
+    }
+
+    /// Parameters that train (all of them without LoRA).
+    pub fn trainable_numel(&self) -> u64 {
+        self.params.iter().filter(|p| p.trainable).map(|p| p.numel() as u64).sum()
+    }
+
+    /// The adapters' output multiplier (0 without adapters).
+    pub fn lora_scale(&self) -> f64 {
+        self.lora.map_or(0.0, |l| l.scale())
     }
 }
 

@@ -19,6 +19,8 @@ pub struct Naive {
     device: Device,
     opts: TrainOpts,
     params: Vec<Tensor>,
+    /// Indices of the parameters that train, and their moments (parallel).
+    train: Vec<usize>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     step: u64,
@@ -31,20 +33,25 @@ impl Naive {
     /// Initialises the parameters from `seed`.
     pub fn new(spec: ModelSpec, device: Device, opts: TrainOpts, seed: u64) -> Result<Self> {
         let mut params = Vec::with_capacity(spec.params.len());
+        let mut train = Vec::new();
         let mut m = Vec::new();
         let mut v = Vec::new();
+        let autocast = opts.trainable && opts.dtype != DType::F32 && device.is_cuda();
         for (i, p) in spec.params.iter().enumerate() {
-            let t = init_tensor(p, seed, i).f_to_device(device)?;
-            if opts.trainable {
+            let t = init_tensor(p, seed, p.stream).f_to_device(device)?;
+            if opts.trainable && p.trainable {
                 m.push(t.f_zeros_like()?);
                 v.push(t.f_zeros_like()?);
+                train.push(i);
                 params.push(t.set_requires_grad(true));
-            } else {
-                // Inference-only: stored in the compute dtype, like the chunked strategy.
+            } else if !opts.trainable || autocast {
+                // Inference-only (or a LoRA model's frozen base under autocast): stored in the
+                // compute dtype, like the chunked strategy, as a peft user loads the base in it.
                 params.push(t.f_to_kind(crate::bridge::kind_of(opts.dtype))?);
+            } else {
+                params.push(t);
             }
         }
-        let autocast = opts.trainable && opts.dtype != DType::F32 && device.is_cuda();
         let mut notes = Vec::new();
         if opts.trainable && opts.dtype != DType::F32 && !autocast {
             notes.push(format!("naive: {:?} autocast needs CUDA; computing in fp32", opts.dtype));
@@ -55,6 +62,7 @@ impl Naive {
             scaler: if autocast { opts.scaler() } else { None },
             opts,
             params,
+            train,
             m,
             v,
             step: 0,
@@ -64,7 +72,7 @@ impl Naive {
     }
 
     fn run(&self, ids: &Tensor) -> Tensor {
-        let f = || forward_all(&self.spec.cfg, self.spec.head, &self.spec.units, &self.params, ids).to_kind(Kind::Float);
+        let f = || forward_all(&self.spec.cfg, self.spec.head, &self.spec.units, &self.params, self.spec.lora_scale(), ids).to_kind(Kind::Float);
         if self.autocast {
             tch::autocast(true, f)
         } else {
@@ -88,10 +96,11 @@ impl Engine for Naive {
 
     fn forward_cached(&mut self, ids: &Tensor, cache: &mut [KvCache], pos: i64) -> Result<Tensor> {
         let (p, u, c) = (&self.params, &self.spec.units, &self.spec.cfg);
+        let scale = self.spec.lora_scale();
         Ok(tch::no_grad(|| {
             let mut x = embed(&p[0], &p[1], ids, pos);
             for (r, kv) in u.blocks.iter().zip(cache.iter_mut()) {
-                x = block(&p[r.clone()], &x, c.n_head, Some(kv));
+                x = block(&p[r.clone()], &x, c.n_head, scale, Some(kv));
             }
             head(self.spec.head, &p[u.head.clone()], Some(&p[0]), &x).to_kind(Kind::Float)
         }))
@@ -105,7 +114,8 @@ impl Engine for Naive {
         let value = l.f_double_value(&[])?;
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale as f64);
         let scaled = if scale != 1.0 { &l * scale } else { l };
-        let grads = Tensor::f_run_backward(&[&scaled], &self.params, false, false)?;
+        let leaves: Vec<&Tensor> = self.train.iter().map(|&i| &self.params[i]).collect();
+        let grads = Tensor::f_run_backward(&[&scaled], &leaves, false, false)?;
         let sq: f64 = grads.iter().map(sq_norm).sum();
         let (mult, grad_norm) = plan(sq, self.scaler.as_mut(), self.opts.max_norm);
         let Some(mult) = mult else {
@@ -117,8 +127,8 @@ impl Engine for Naive {
         };
         self.step += 1;
         let s = StepScalars::new(&self.opts.adam, self.step, mult);
-        for (((p, m), v), g) in self.params.iter_mut().zip(&mut self.m).zip(&mut self.v).zip(&grads) {
-            adamw_(p, m, v, g, None, &s);
+        for (((&i, m), v), g) in self.train.iter().zip(&mut self.m).zip(&mut self.v).zip(&grads) {
+            adamw_(&mut self.params[i], m, v, g, None, &s);
         }
         Ok(StepStats {
             loss: value,
@@ -150,7 +160,8 @@ impl Engine for Naive {
             return Err(frozen_error());
         }
         let mut out = Vec::new();
-        for ((s, m), v) in self.spec.params.iter().zip(&self.m).zip(&self.v) {
+        for ((&i, m), v) in self.train.iter().zip(&self.m).zip(&self.v) {
+            let s = &self.spec.params[i];
             out.push((format!("{}.exp_avg", s.name), m.to_device(Device::Cpu).copy()));
             out.push((format!("{}.exp_avg_sq", s.name), v.to_device(Device::Cpu).copy()));
         }
@@ -161,7 +172,8 @@ impl Engine for Naive {
         if !self.opts.trainable {
             return Err(frozen_error());
         }
-        for ((s, m), v) in self.spec.params.iter().zip(&mut self.m).zip(&mut self.v) {
+        for ((&i, m), v) in self.train.iter().zip(&mut self.m).zip(&mut self.v) {
+            let s = &self.spec.params[i];
             for (suffix, dst) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let name = format!("{}.{suffix}", s.name);
                 let t = named.get(&name).ok_or_else(|| HarnessError::Config(format!("optimizer state lacks {name}")))?;

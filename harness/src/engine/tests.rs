@@ -29,7 +29,12 @@ fn close(a: f64, b: f64, rel: f64) -> bool {
 
 fn parity(max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Path>, keep_graph: bool) {
     let cfg = GptConfig::parse("3x64x4", 61, 16).unwrap();
-    let spec = ModelSpec::new(cfg, HeadKind::Lm);
+    parity_of(ModelSpec::new(cfg, HeadKind::Lm), max_norm, policy, nvme, keep_graph);
+}
+
+/// The chunked strategy against naive on `spec`, 20 steps: losses, gradient norms and final
+/// parameters agree. Returns (naive, chunked) after training.
+fn parity_of(spec: ModelSpec, max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Path>, keep_graph: bool) -> (Naive, Chunked) {
     let opts = TrainOpts {
         dtype: DType::F32,
         adam: stowage_memory::optim::AdamConfig { lr: 3e-3, ..Default::default() },
@@ -40,8 +45,17 @@ fn parity(max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Pa
     // The device holds half the model state (keep mode: 16 bytes per parameter, so that every
     // parameter chunk and a unit's gradients fit at once, padding included, but not the
     // optimizer state): chunks stream in and out every step.
-    let state = spec.numel() * 16;
-    let device = if keep_graph { state } else { state / 2 };
+    let trained = spec.trainable_numel();
+    let state = trained * 16 + (spec.numel() - trained) * 4;
+    // LoRA's state is mostly parameters: keep mode needs room for them all and a unit's
+    // gradients, and chunks are smaller so that a block's fit in half the state.
+    let lora = spec.lora.is_some();
+    let device = match (keep_graph, lora) {
+        (true, true) => 2 * state,
+        (true, false) => state,
+        (false, _) => state / 2,
+    };
+    let chunk_elems = if lora { 4096 } else { 16 * 1024 };
     let mut tiers = TiersConfig::default().with_device(DeviceChoice::Simulated, device).with_host_budget(if nvme.is_some() { state / 2 } else { 2 * state });
     if let Some(d) = nvme {
         tiers = tiers.with_nvme(NvmeConfig::new(d));
@@ -49,7 +63,7 @@ fn parity(max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Pa
     let copts = ChunkedOpts {
         tiers,
         policy,
-        chunk_elems: Some(16 * 1024),
+        chunk_elems: Some(chunk_elems),
         keep_graph,
         ..ChunkedOpts::default()
     };
@@ -81,10 +95,105 @@ fn parity(max_norm: Option<f32>, policy: PolicyKind, nvme: Option<&std::path::Pa
         };
         let diff = (&ta - &tb).abs().max().double_value(&[]);
         let scale = ta.abs().max().double_value(&[]).max(1e-3);
-        assert!(diff <= 1e-5 * scale, "{na}: max difference {diff} (scale {scale})");
+        // Adapters start at B = 0, where Adam's first steps normalise gradients that are
+        // rounding-sized in places: their agreement is looser, still far below one lr step.
+        let tol = if crate::model::is_adapter(na) { 1e-4 } else { 1e-5 };
+        assert!(diff <= tol * scale, "{na}: max difference {diff} (scale {scale})");
     }
     let moved = chunked.memory().bytes_moved;
-    assert!(moved.get("device->host").copied().unwrap_or(0) > 0, "the device budget should force evictions: {moved:?}");
+    if spec.lora.is_none() {
+        assert!(moved.get("device->host").copied().unwrap_or(0) > 0, "the device budget should force evictions: {moved:?}");
+    }
+    if !keep_graph {
+        // Every step reads the parameters back in.
+        let params = spec.numel() * 4;
+        assert!(moved.values().sum::<u64>() > 10 * params, "the device budget should make chunks stream: {moved:?}");
+    }
+    (naive, chunked)
+}
+
+/// LoRA: adapters train over a frozen base, identically in both strategies (with the device
+/// holding half the state, so chunks stream); the base never changes, and the chunked
+/// strategy holds no gradient, master or moment bytes for it.
+fn lora_parity(max_norm: Option<f32>, head_kind: HeadKind, keep_graph: bool) {
+    let cfg = GptConfig::parse("3x64x4", 61, 16).unwrap();
+    let lora = crate::model::LoraConfig { rank: 4, alpha: 8.0 };
+    let spec = ModelSpec::with_lora(cfg.clone(), head_kind, Some(lora));
+    let mut fresh = Naive::new(spec.clone(), tch::Device::Cpu, TrainOpts::default(), 5).unwrap();
+    let before: BTreeMap<String, Tensor> = fresh.export().unwrap().into_iter().collect();
+    let (mut naive, mut chunked) = if head_kind == HeadKind::Lm {
+        parity_of(spec.clone(), max_norm, PolicyKind::Auto, None, keep_graph)
+    } else {
+        score_parity(spec.clone(), keep_graph)
+    };
+    for e in [&mut naive as &mut dyn Engine, &mut chunked] {
+        for (name, t) in e.export().unwrap() {
+            let frozen = !spec.params.iter().find(|s| s.name == name).unwrap().trainable;
+            assert_eq!(frozen, t.equal(&before[&name]), "{name}: frozen {frozen}, but it {} changed", if frozen { "" } else { "never" });
+        }
+        let (_, moments) = e.export_optimizer().unwrap();
+        assert_eq!(moments.len(), 2 * spec.params.iter().filter(|s| s.trainable).count(), "moments of the trainable tensors only");
+    }
+    let fp = chunked.footprint();
+    let trained = spec.trainable_numel() * 4;
+    assert!(fp.per_role["grad"] >= trained && fp.per_role["grad"] < spec.numel(), "gradient chunks hold the adapters only: {:?}", fp.per_role);
+    assert_eq!(fp.per_role["grad"], fp.per_role["exp_avg"]);
+    // The adapted model merges into a plain one computing the same.
+    let mut merged: BTreeMap<String, Tensor> = chunked.export().unwrap().into_iter().collect();
+    crate::model::merge_lora(&mut merged, lora).unwrap();
+    let mut plain = Naive::new(ModelSpec::new(cfg, head_kind), tch::Device::Cpu, TrainOpts::default(), 0).unwrap();
+    plain.import(&merged).unwrap();
+    let x = &batches(61, 1)[0].0;
+    let (a, b) = (chunked.forward(x).unwrap(), plain.forward(x).unwrap());
+    let diff = (&a - &b).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "merged model differs by {diff}");
+}
+
+/// Parity for a scalar head (the reward model's pairwise loss on the last position).
+fn score_parity(spec: ModelSpec, keep_graph: bool) -> (Naive, Chunked) {
+    let opts = TrainOpts {
+        adam: stowage_memory::optim::AdamConfig { lr: 3e-3, ..Default::default() },
+        ..TrainOpts::default()
+    };
+    let mut naive = Naive::new(spec.clone(), tch::Device::Cpu, opts, 5).unwrap();
+    let trained = spec.trainable_numel();
+    let state = trained * 16 + (spec.numel() - trained) * 4;
+    let copts = ChunkedOpts {
+        tiers: TiersConfig::default().with_device(DeviceChoice::Simulated, if keep_graph { 2 * state } else { state / 2 }).with_host_budget(2 * state),
+        chunk_elems: Some(4096),
+        keep_graph,
+        ..ChunkedOpts::default()
+    };
+    let mut chunked = Chunked::new(spec, opts, copts, 5).unwrap();
+    assert_eq!(chunked.keeps_graph(), keep_graph);
+    for (i, (x, y)) in batches(61, 10).iter().enumerate() {
+        // Higher scores for sequences whose last token is larger.
+        let f = |out: &Tensor| {
+            let last = out.select(1, -1);
+            let want = y.select(1, -1).to_kind(Kind::Float) / 61.0;
+            (last - want).square().mean(Kind::Float)
+        };
+        let a = naive.step(x, &f).unwrap();
+        let b = chunked.step(x, &f).unwrap();
+        assert!(close(a.loss, b.loss, 1e-5), "step {i}: loss naive {} chunked {}", a.loss, b.loss);
+        assert!(close(a.grad_norm, b.grad_norm, 1e-4), "step {i}: grad norm naive {} chunked {}", a.grad_norm, b.grad_norm);
+    }
+    (naive, chunked)
+}
+
+#[test]
+fn lora_chunked_matches_naive_with_the_base_frozen() {
+    lora_parity(Some(1.0), HeadKind::Lm, false);
+}
+
+#[test]
+fn lora_chunked_keeping_the_forward_graph_matches_naive() {
+    lora_parity(None, HeadKind::Lm, true);
+}
+
+#[test]
+fn lora_reward_model_trains_its_score_head_in_full() {
+    lora_parity(Some(1.0), HeadKind::Score, false);
 }
 
 #[test]

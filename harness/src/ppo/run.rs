@@ -328,6 +328,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     }
     crate::data::save_jsonl(&a.out.join("samples.jsonl"), &samples)?;
     crate::train::save_checkpoint(m.actor.as_mut(), &a.out.join("actor"), tok.kind(), a.seed)?;
+    crate::train::save_merged(m.actor.as_mut(), &a.out.join("merged"), tok.kind(), a.seed)?;
     run.bar.finish_and_clear();
     let section = json!({
         "gold_reward_before": gold_before, "gold_reward_after": gold_after, "kl_final": last_kl,

@@ -101,6 +101,9 @@ pub struct CapacityArgs {
     /// `naive+lora`, `chunked+lora`; PPO: actor and critic). 0: no LoRA rows.
     #[arg(long, default_value_t = 0)]
     pub lora_rank: usize,
+    /// With --lora-rank: run the LoRA rows only.
+    #[arg(long)]
+    pub lora_only: bool,
     /// Run nothing: redraw the table and chart from an earlier run's `--json` file (give the
     /// same --task, --budget, --batch-size, --ctx and --max-new for the table's heading).
     #[arg(long)]
@@ -231,7 +234,7 @@ impl Job {
     fn engines(&self) -> Vec<&dyn Engine> {
         match self {
             Job::One(e) => vec![e.as_ref()],
-            Job::Ppo(m) => vec![m.actor.as_ref(), m.critic.as_ref(), m.reference.as_ref(), m.reward.as_ref()],
+            Job::Ppo(m) => m.named().into_iter().map(|(_, e)| e).collect(),
         }
     }
 }
@@ -342,8 +345,10 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
             *moved.entry(k).or_default() += v;
         }
     }
-    let names = ["actor", "critic", "reference", "reward"];
-    let named: Vec<(&str, &dyn Engine)> = job.engines().into_iter().enumerate().map(|(i, e)| (if c.workload == Workload::Ppo { names[i] } else { c.workload.name() }, e)).collect();
+    let named: Vec<(&str, &dyn Engine)> = match &job {
+        Job::Ppo(m) => m.named(),
+        Job::One(e) => vec![(c.workload.name(), e.as_ref())],
+    };
     let mut phases = serde_json::Map::new();
     let hidden = match (crate::train::merged_trace(&named), &a.trace) {
         (Some((t, o)), Some(path)) => {
@@ -626,7 +631,10 @@ pub fn run_capacity(a: &CapacityArgs) -> Result<Vec<RunRecord>> {
         models.push((m.clone(), ModelSpec::new(cfg, HeadKind::Lm).numel()));
     }
     models.sort_by_key(|m| m.1);
-    let mut variants: Vec<(Strategy, bool)> = a.strategies.iter().map(|&s| (s, false)).collect();
+    if a.lora_only && a.lora_rank == 0 {
+        return Err(HarnessError::Config("--lora-only needs --lora-rank R (R > 0)".into()));
+    }
+    let mut variants: Vec<(Strategy, bool)> = if a.lora_only { Vec::new() } else { a.strategies.iter().map(|&s| (s, false)).collect() };
     if a.lora_rank > 0 {
         variants.extend(a.strategies.iter().map(|&s| (s, true)));
     }
@@ -845,6 +853,7 @@ mod tests {
             timeout_s: 10,
             keep_going: false,
             lora_rank: 8,
+            lora_only: false,
             from_json: None,
             quiet: true,
         };

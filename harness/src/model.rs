@@ -362,10 +362,11 @@ fn linear(x: &Tensor, p: &[Tensor], w: usize, lora: Option<(usize, f64)>) -> Ten
 
 /// One pre-LayerNorm transformer block. `p` holds the block's tensors in `param_specs` order,
 /// followed by its adapters (`lora_specs` order) for a LoRA model, whose output they add
-/// scaled by `lora_scale`. With `cache`, `x` holds only the new positions and keys/values are
+/// scaled by `lora_scale` (0: adapters off). With `cache`, `x` holds only the new positions and keys/values are
 /// appended.
 pub fn block(p: &[Tensor], x: &Tensor, n_head: usize, lora_scale: f64, cache: Option<&mut KvCache>) -> Tensor {
-    let has_lora = p.len() == BLOCK_TENSORS + LORA_TENSORS;
+    // Scale 0: adapters off (the base model alone), nothing computed for them.
+    let has_lora = p.len() == BLOCK_TENSORS + LORA_TENSORS && lora_scale != 0.0;
     let lin = |x: &Tensor, k: usize| linear(x, p, LORA_TARGETS[k].1, has_lora.then_some((k, lora_scale)));
     let (b, t, c) = x.size3().expect("block input is [B, T, C]");
     let h = n_head as i64;

@@ -237,3 +237,55 @@ fn pipeline_runs_end_to_end_and_reports() {
     let s: Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
     assert!(s["prompt"].is_string() && s["response"].is_string() && s["gold_reward"].is_number(), "{s}");
 }
+
+/// LoRA through the command line: a reward model's adapters (and its new score head) train
+/// over a frozen base whose chunks spill to NVMe. The base tensors in the checkpoint are the
+/// ones training started from, the optimizer holds moments of the trained tensors only, the
+/// merged model is a plain GPT-2 checkpoint, and resuming with other LoRA settings is refused.
+#[test]
+fn lora_reward_model_trains_adapters_over_a_frozen_base() {
+    let d = scratch();
+    let nvme = d.path().join("swap");
+    let common = [
+        "rm", "--task", "sort", "--eval-every", "0", "--lora-rank", "8", "--steps", "120", "--batch-size", "16", "--lr", "2e-3", "--device-budget", "2M", "--host-budget", "2M",
+        "--nvme-dir", nvme.to_str().unwrap(),
+    ];
+    let first = d.path().join("first");
+    run(&[&common[..], &["--stop-at", "1"]].concat(), &first);
+    let out = d.path().join("run");
+    let r = run(&common, &out);
+    let acc = r["rm"]["heldout_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.7, "held-out pairwise accuracy {acc}: {r}");
+    assert!(r["memory"]["bytes_moved"]["nvme->device"].as_u64().unwrap_or(0) > 0, "no chunk came from NVMe: {r}");
+
+    let load = |p: &Path| stowage_harness::ckpt::load_tensors(p).unwrap();
+    let (start, end) = (load(&first.join("checkpoint/model.safetensors")), load(&out.join("checkpoint/model.safetensors")));
+    let trained = |n: &str| n.ends_with(".lora_a") || n.ends_with(".lora_b") || n.starts_with("score.");
+    assert!(end.keys().any(|n| n.ends_with(".lora_b")));
+    for (name, t) in &end {
+        if trained(name) {
+            // B starts at zero, and every trained tensor moves in 119 steps.
+            assert!(!t.equal(&start[name]), "{name} did not train");
+        } else {
+            assert!(t.equal(&start[name]), "{name} belongs to the frozen base but changed");
+        }
+    }
+    let moments = load(&out.join("checkpoint/optimizer.safetensors"));
+    assert!(!moments.is_empty() && moments.keys().all(|n| trained(n.trim_end_matches(".exp_avg_sq").trim_end_matches(".exp_avg"))), "moments of frozen tensors: {:?}", moments.keys().collect::<Vec<_>>());
+
+    let merged = stowage_harness::ckpt::CkptPaths::new(out.join("merged"));
+    assert!(merged.read_config().unwrap().lora.is_none());
+    let m = load(&merged.model());
+    assert_eq!(m.len(), end.len() - 8 * 4, "the 4 blocks' 8 adapters folded in");
+    assert!(!m["h.0.attn.c_attn.weight"].equal(&end["h.0.attn.c_attn.weight"]), "the merged weight includes the adapters' product");
+
+    let other: Vec<&str> = common.iter().map(|&x| if x == "8" { "4" } else { x }).collect();
+    let o = stowage()
+        .args(&other)
+        .args(["--resume", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("LoRA rank 8") && e.contains("--lora-rank"), "{e}");
+}

@@ -128,6 +128,8 @@ pub struct Chunked {
     /// Keep each unit's graph from the forward pass instead of recomputing it (every parameter
     /// chunk fits on the device with a unit's gradients).
     keep_graph: bool,
+    /// LoRA adapters applied (see `Engine::set_adapters`).
+    adapters_on: bool,
     notes: Vec<String>,
 }
 
@@ -345,6 +347,7 @@ impl Chunked {
             footprint: fp,
             pipelined,
             keep_graph,
+            adapters_on: true,
             notes,
         };
         me.initialise(seed)?;
@@ -474,7 +477,7 @@ impl Chunked {
         if u == 0 {
             embed(&p[0], &p[1], x, pos)
         } else if u <= l {
-            block(p, x, self.spec.cfg.n_head, self.spec.lora_scale(), cache)
+            block(p, x, self.spec.cfg.n_head, self.spec.lora_scale_if(self.adapters_on), cache)
         } else {
             let own = self.spec.units.head.len();
             head(self.spec.head, &p[..own], p.get(own), x).to_kind(Kind::Float)
@@ -842,6 +845,14 @@ impl Engine for Chunked {
 
     fn reset_trace(&self) {
         self.mgr.reset_trace();
+    }
+
+    fn set_adapters(&mut self, on: bool) -> Result<()> {
+        if self.spec.lora.is_none() {
+            return Err(super::no_adapters_error());
+        }
+        self.adapters_on = on;
+        Ok(())
     }
 
     fn scaler_state(&self) -> Option<crate::ckpt::ScalerState> {

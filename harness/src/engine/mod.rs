@@ -54,6 +54,15 @@ impl ModelSpec {
     pub fn lora_scale(&self) -> f64 {
         self.lora.map_or(0.0, |l| l.scale())
     }
+
+    /// The multiplier with the adapters switched `on` or off.
+    pub(crate) fn lora_scale_if(&self, on: bool) -> f64 {
+        if on {
+            self.lora_scale()
+        } else {
+            0.0
+        }
+    }
 }
 
 /// Optimisation settings shared by both strategies.
@@ -158,6 +167,14 @@ pub trait Engine {
     }
     /// Starts the recorded timeline afresh (no-op without one).
     fn reset_trace(&self) {}
+    /// Switches a LoRA model's adapters off (the model computes its frozen base alone: a PPO
+    /// reference without a copy of the weights) or back on. A model without adapters refuses.
+    fn set_adapters(&mut self, on: bool) -> Result<()>;
+}
+
+/// The error of `set_adapters` on a model without adapters.
+pub(crate) fn no_adapters_error() -> crate::error::HarnessError {
+    crate::error::HarnessError::Config("this model has no LoRA adapters to switch".into())
 }
 
 /// The step's gradient multiplier, or None to skip (non-finite gradients). `sq` is the summed

@@ -26,6 +26,8 @@ pub struct Naive {
     step: u64,
     scaler: Option<LossScaler>,
     autocast: bool,
+    /// LoRA adapters applied (see `Engine::set_adapters`).
+    adapters_on: bool,
     notes: Vec<String>,
 }
 
@@ -67,12 +69,13 @@ impl Naive {
             v,
             step: 0,
             autocast,
+            adapters_on: true,
             notes,
         })
     }
 
     fn run(&self, ids: &Tensor) -> Tensor {
-        let f = || forward_all(&self.spec.cfg, self.spec.head, &self.spec.units, &self.params, self.spec.lora_scale(), ids).to_kind(Kind::Float);
+        let f = || forward_all(&self.spec.cfg, self.spec.head, &self.spec.units, &self.params, self.spec.lora_scale_if(self.adapters_on), ids).to_kind(Kind::Float);
         if self.autocast {
             tch::autocast(true, f)
         } else {
@@ -96,7 +99,7 @@ impl Engine for Naive {
 
     fn forward_cached(&mut self, ids: &Tensor, cache: &mut [KvCache], pos: i64) -> Result<Tensor> {
         let (p, u, c) = (&self.params, &self.spec.units, &self.spec.cfg);
-        let scale = self.spec.lora_scale();
+        let scale = self.spec.lora_scale_if(self.adapters_on);
         Ok(tch::no_grad(|| {
             let mut x = embed(&p[0], &p[1], ids, pos);
             for (r, kv) in u.blocks.iter().zip(cache.iter_mut()) {
@@ -207,6 +210,14 @@ impl Engine for Naive {
 
     fn notes(&self) -> Vec<String> {
         self.notes.clone()
+    }
+
+    fn set_adapters(&mut self, on: bool) -> Result<()> {
+        if self.spec.lora.is_none() {
+            return Err(super::no_adapters_error());
+        }
+        self.adapters_on = on;
+        Ok(())
     }
 }
 

@@ -140,8 +140,36 @@ pub fn token_logp(logits: &Tensor, ids: &Tensor, temperature: f64) -> Tensor {
 pub struct Models {
     pub actor: Box<dyn Engine>,
     pub critic: Box<dyn Engine>,
-    pub reference: Box<dyn Engine>,
+    /// None when the actor has LoRA adapters: the reference is then the actor with its
+    /// adapters switched off (its frozen base is the SFT model), as peft-based trainers do, so
+    /// no second copy of the weights is held.
+    pub reference: Option<Box<dyn Engine>>,
     pub reward: Box<dyn Engine>,
+}
+
+impl Models {
+    /// The models that exist, by role.
+    pub fn named(&self) -> Vec<(&'static str, &dyn Engine)> {
+        let mut v: Vec<(&'static str, &dyn Engine)> = vec![("actor", self.actor.as_ref()), ("critic", self.critic.as_ref())];
+        if let Some(r) = &self.reference {
+            v.push(("reference", r.as_ref()));
+        }
+        v.push(("reward", self.reward.as_ref()));
+        v
+    }
+
+    /// The reference policy's output for `ids`.
+    fn reference_forward(&mut self, ids: &Tensor) -> Result<Tensor> {
+        match &mut self.reference {
+            Some(r) => r.forward(ids),
+            None => {
+                self.actor.set_adapters(false)?;
+                let out = self.actor.forward(ids);
+                self.actor.set_adapters(true)?;
+                out
+            }
+        }
+    }
 }
 
 /// Builds and loads the four models from their checkpoints.
@@ -159,7 +187,9 @@ pub fn build_models(a: &TrainArgs, p: &PpoArgs, notes: &mut Vec<String>) -> Resu
     let mut m = new_models(a, p.critic_lr, [&actor_cfg.model, &critic_cfg.model, &rm_cfg.model], notes)?;
     crate::train::load_weights(m.actor.as_mut(), &actor_dir, actor_cfg.head)?;
     crate::train::load_weights(m.critic.as_mut(), &rm_dir, critic_cfg.head)?;
-    crate::train::load_weights(m.reference.as_mut(), &actor_dir, actor_cfg.head)?;
+    if let Some(r) = m.reference.as_mut() {
+        crate::train::load_weights(r.as_mut(), &actor_dir, actor_cfg.head)?;
+    }
     crate::train::load_weights(m.reward.as_mut(), &rm_path, rm_cfg.head)?;
     Ok((m, tok))
 }
@@ -178,14 +208,16 @@ pub fn new_models(a: &TrainArgs, critic_lr: f32, cfgs: [&crate::model::GptConfig
     };
     let (ta, tf) = (1.0 / 3.0, 1.0 / 6.0);
     let [actor_cfg, critic_cfg, rm_cfg] = cfgs;
-    let actor = build_engine(&args(ta), actor_cfg.clone(), HeadKind::Lm, notes)?;
+    // A LoRA actor is also the reference (adapters off): it takes the reference's share too.
+    let lora = a.lora().is_some();
+    let actor = build_engine(&args(if lora { ta + tf } else { ta }), actor_cfg.clone(), HeadKind::Lm, notes)?;
     let mut ca = args(ta);
     ca.lr = critic_lr;
     let critic = build_engine(&ca, critic_cfg.clone(), HeadKind::Value, notes)?;
     let frozen = |x: TrainArgs, cfg: &crate::model::GptConfig, head: HeadKind, notes: &mut Vec<String>| -> Result<Box<dyn Engine>> {
         crate::train::build_engine_with(&x, ModelSpec::new(cfg.clone(), head), TrainOpts::frozen(x.compute_dtype()), notes)
     };
-    let reference = frozen(args(tf), actor_cfg, HeadKind::Lm, notes)?;
+    let reference = if lora { None } else { Some(frozen(args(tf), actor_cfg, HeadKind::Lm, notes)?) };
     let reward = frozen(args(tf), rm_cfg, HeadKind::Score, notes)?;
     Ok(Models { actor, critic, reference, reward })
 }
@@ -241,7 +273,7 @@ pub fn collect(m: &mut Models, tok: &Tokenizer, p: &PpoArgs, prompts: &[String],
     }
     let mask = Tensor::from_slice(&mask).reshape([b as i64, (t - 1) as i64]).to_device(device);
     let old_logp = token_logp(&m.actor.forward(&ids)?, &ids, p.temperature) * &mask;
-    let ref_logp = token_logp(&m.reference.forward(&ids)?, &ids, p.temperature) * &mask;
+    let ref_logp = token_logp(&m.reference_forward(&ids)?, &ids, p.temperature) * &mask;
     let values = m.critic.forward(&ids)?.narrow(1, 0, (t - 1) as i64) * &mask;
     // The reward model reads each sequence at its last token. It learnt from answers ending in
     // EOS, so a response cut off by the length limit is scored as an answer ending there (EOS
@@ -478,7 +510,7 @@ mod tests {
         let frozen = TrainOpts::frozen(stowage_memory::DType::F32);
         let m = Models {
             actor: mk(HeadKind::Lm, train, seed),
-            reference: mk(HeadKind::Lm, frozen, seed),
+            reference: Some(mk(HeadKind::Lm, frozen, seed)),
             critic: mk(HeadKind::Value, train, seed + 1),
             reward: mk(HeadKind::Score, frozen, seed + 2),
         };
@@ -600,6 +632,31 @@ mod tests {
         assert_eq!(s.ratio_mean, 1.0);
         assert_eq!(s.approx_kl, 0.0);
         assert_eq!(s.clipfrac, 0.0);
+    }
+
+    #[test]
+    fn a_lora_actor_is_its_own_reference_with_the_adapters_off() {
+        let (mut m, tok) = models(1);
+        let cfg = m.actor.spec().cfg.clone();
+        let lora = Some(crate::model::LoraConfig { rank: 4, alpha: 8.0 });
+        m.actor = Box::new(Naive::new(ModelSpec::with_lora(cfg.clone(), HeadKind::Lm, lora), tch::Device::Cpu, TrainOpts::default(), 1).unwrap());
+        m.reference = None;
+        assert_eq!(m.named().iter().map(|e| e.0).collect::<Vec<_>>(), ["actor", "critic", "reward"]);
+        let p = args();
+        let x = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(0)).unwrap();
+        assert!(x.kl.iter().all(|&k| k == 0.0), "B = 0: the adapted actor is the base, KL {:?}", x.kl);
+        for _ in 0..3 {
+            update_minibatch(&mut m, &x, &Tensor::from_slice(&[0i64, 1]), &p, None, true).unwrap();
+        }
+        // The reference is the frozen base: the plain model with the same seed.
+        let mut base = Naive::new(ModelSpec::new(cfg, HeadKind::Lm), tch::Device::Cpu, TrainOpts::frozen(stowage_memory::DType::F32), 1).unwrap();
+        let want = base.forward(&x.ids).unwrap();
+        assert!(m.reference_forward(&x.ids).unwrap().equal(&want), "adapters off must give the base model");
+        let actor = m.actor.forward(&x.ids).unwrap();
+        assert!((&actor - &want).abs().max().double_value(&[]) > 1e-4, "the adapters trained and are back on");
+        let y = collect(&mut m, &tok, &p, &prompts(), 0.1, &mut Default::default(), &mut rng(0)).unwrap();
+        assert!(y.kl.iter().any(|&k| k != 0.0), "the trained actor departs from its reference");
+        assert!(base.set_adapters(false).is_err(), "a model without adapters refuses");
     }
 
     #[test]

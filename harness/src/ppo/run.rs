@@ -9,7 +9,6 @@ use serde_json::{json, Value};
 use super::algo::{self, KlController};
 use super::{build_models, collect, gold_eval, mean, std, update_epochs, MbStats, Models, PpoArgs, PtxBatch};
 use crate::data::{load_jsonl, PromptExample, SftExample};
-use crate::engine::Engine;
 use crate::error::{HarnessError, Result};
 use crate::model::HeadKind;
 use crate::tokenizer::Tokenizer;
@@ -337,7 +336,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     let mut mem = memory_json(m.actor.as_ref());
     let mut moved: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut dev_peak = 0;
-    for e in [&m.actor, &m.critic, &m.reference, &m.reward] {
+    for (_, e) in m.named() {
         let r = e.memory();
         dev_peak += r.device_peak_bytes;
         for (k, v) in r.bytes_moved {
@@ -346,8 +345,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     }
     mem["bytes_moved"] = json!(moved);
     mem["device_peak_bytes"] = json!(dev_peak);
-    let engines: [(&str, &dyn Engine); 4] = [("actor", m.actor.as_ref()), ("critic", m.critic.as_ref()), ("reference", m.reference.as_ref()), ("reward", m.reward.as_ref())];
-    mem["transfer_hidden_share"] = json!(crate::train::write_trace(a, &engines, &run)?);
+    mem["transfer_hidden_share"] = json!(crate::train::write_trace(a, &m.named(), &run)?);
     update_report(&a.out, "ppo", section.clone(), mem)?;
     run.charts();
     Ok(section)

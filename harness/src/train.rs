@@ -227,6 +227,11 @@ pub fn build_engine(a: &TrainArgs, cfg: GptConfig, head: HeadKind, notes: &mut V
         max_norm: (a.clip > 0.0).then_some(a.clip),
         trainable: true,
     };
+    if let Some(alpha) = a.lora_alpha {
+        if a.lora_rank == 0 || !alpha.is_finite() || alpha <= 0.0 {
+            return Err(HarnessError::Config(format!("--lora-alpha {alpha}: give a positive alpha together with --lora-rank R (R > 0)")));
+        }
+    }
     build_engine_with(a, ModelSpec::with_lora(cfg, head, a.lora()), opts, notes)
 }
 

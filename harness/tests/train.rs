@@ -195,6 +195,16 @@ fn bad_inputs_get_clear_errors() {
     // A model whose state exceeds device + host with no NVMe tier.
     let e = fails(&["sft", "--task", "sort", "--model", "s", "--device", "sim", "--device-budget", "1G", "--host-budget", "256M"]);
     assert!(e.contains("budgets are device") && e.contains("NVMe"), "{e}");
+    let e = fails(&["sft", "--task", "sort", "--lora-alpha", "16"]);
+    assert!(e.contains("--lora-alpha") && e.contains("--lora-rank"), "{e}");
+    // A LoRA checkpoint whose adapters have lost their pair is refused when loaded, naming it.
+    let ck = d.path().join("ck");
+    std::fs::create_dir_all(&ck).unwrap();
+    let a = tch::Tensor::zeros([4, 2], (tch::Kind::Float, tch::Device::Cpu));
+    stowage_harness::ckpt::save_tensors(&ck.join("model.safetensors"), &[("h.0.mlp.c_fc.lora_a".into(), a)]).unwrap();
+    std::fs::write(ck.join("config.json"), r#"{"model":{"name":"t","n_layer":1,"n_embd":4,"n_head":1,"n_ctx":8,"vocab":259},"head":"lm","tokenizer":"byte","step":1,"seed":0,"lora":{"rank":2,"alpha":2.0}}"#).unwrap();
+    let e = fails(&["rm", "--task", "sort", "--init", ck.to_str().unwrap()]);
+    assert!(e.contains("h.0.mlp.c_fc.lora_b") && e.contains("model.safetensors"), "{e}");
 }
 
 /// The whole pipeline end to end at toy lengths: every stage runs and the report has the

@@ -544,7 +544,7 @@ impl Chunked {
             // of a LoRA model) needs no backward pass.
             let grads = if inputs.is_empty() { Vec::new() } else { Tensor::f_run_backward(&[&objective], &inputs, false, false)? };
             for (k, &t) in trained.iter().enumerate() {
-                let ga = ga.as_ref().expect("a unit with trainable tensors holds its gradient chunks");
+                let ga = ga.as_ref().ok_or_else(|| HarnessError::Config(format!("unit {u}: trainable tensors without gradient chunks")))?;
                 let gv = view_mut(ga, self.tids[t], Role::Grad, &self.spec.params[t].shape_i64(), self.ordinal)?;
                 let mut dst = gv.shallow_clone();
                 tch::no_grad(|| if self.first_write[t] == j { dst.f_copy_(&grads[k]) } else { dst.f_add_(&grads[k]).map(|_| ()) })?;

@@ -15,9 +15,11 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod ppo;
+pub mod rm;
 pub mod record;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;
+pub mod weights;
 
 pub use error::{HarnessError, Result};

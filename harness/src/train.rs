@@ -1,7 +1,6 @@
 //! Supervised fine-tuning and reward-model training: options, the engine they run on, data,
 //! the loops with progress bar, JSONL metrics, held-out evaluation, checkpoints and report.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -12,8 +11,8 @@ use stowage_memory::optim::AdamConfig;
 use stowage_memory::{DType, DeviceChoice, NvmeConfig, PolicyKind, TiersConfig};
 use tch::{Kind, Tensor};
 
-use crate::ckpt::{load_tensors, save_tensors, CkptConfig, CkptPaths};
-use crate::data::{load_jsonl, PrefExample, SftExample};
+use crate::ckpt::CkptPaths;
+use crate::data::{load_jsonl, SftExample};
 use crate::engine::{torch_device, Chunked, ChunkedOpts, Engine, ModelSpec, Naive, TrainOpts};
 use crate::error::{HarnessError, Result};
 use crate::generate::{generate, Sampler};
@@ -22,6 +21,8 @@ use crate::tasks::Task;
 use crate::tokenizer::{Tokenizer, TokenizerKind};
 // Re-exported: the run records were part of this module, and callers name them from here.
 pub use crate::record::{draw_charts, memory_json, merged_trace, peak_rss_bytes, trace_overlap, update_report, write_trace, Run};
+pub use crate::rm::{eval_pairwise, policy_pairs, run_rm, PairArgs};
+pub use crate::weights::{load_weights, recover_checkpoint, resume_engine, save_checkpoint, save_merged, write_checkpoint_files};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Strategy {
@@ -394,7 +395,7 @@ pub fn rm_loss(r: &Tensor, kind: RmLoss) -> Tensor {
     }
 }
 
-fn model_config(a: &TrainArgs, tok: &Tokenizer) -> Result<GptConfig> {
+pub(crate) fn model_config(a: &TrainArgs, tok: &Tokenizer) -> Result<GptConfig> {
     if let Some(init) = &a.init {
         let c = CkptPaths::new(init).read_config()?;
         if c.tokenizer != tok.kind() {
@@ -406,7 +407,7 @@ fn model_config(a: &TrainArgs, tok: &Tokenizer) -> Result<GptConfig> {
 }
 
 /// Loads `--init` weights (body; the head too when its kind matches), or resumes.
-fn load_start(a: &TrainArgs, e: &mut dyn Engine, head: HeadKind, run: &Path) -> Result<u64> {
+pub(crate) fn load_start(a: &TrainArgs, e: &mut dyn Engine, head: HeadKind, run: &Path) -> Result<u64> {
     if a.resume {
         let dir = run.join("checkpoint");
         recover_checkpoint(&dir)?;
@@ -437,102 +438,6 @@ fn load_start(a: &TrainArgs, e: &mut dyn Engine, head: HeadKind, run: &Path) -> 
     Ok(0)
 }
 
-fn check_complete(e: &dyn Engine, w: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
-    match e.spec().params.iter().find(|s| !w.contains_key(&s.name)) {
-        Some(s) => Err(HarnessError::Checkpoint {
-            path: path.into(),
-            msg: format!("lacks {}", s.name),
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Restores the previous checkpoint at `dir` if a crash interrupted its replacement.
-pub fn recover_checkpoint(dir: &Path) -> Result<()> {
-    if crate::ckpt::recover(dir)? {
-        eprintln!("note: {}: a checkpoint swap was interrupted; resuming from the previous checkpoint", dir.display());
-    }
-    Ok(())
-}
-
-/// Loads weights, optimizer moments and the loss scaler from the checkpoint at `dir` into `e`,
-/// which must be the same model with the same head; returns the optimizer step.
-pub fn resume_engine(e: &mut dyn Engine, dir: &Path, head: HeadKind) -> Result<u64> {
-    let p = CkptPaths::new(dir);
-    let c = p.read_config()?;
-    if c.head != head || c.model != e.spec().cfg {
-        return Err(HarnessError::Config(format!("--resume: {} holds a different model ({} {:?})", p.dir.display(), c.model.name, c.head)));
-    }
-    if c.lora != e.spec().lora {
-        let show = |l: Option<crate::model::LoraConfig>| l.map_or("no adapters".to_string(), |l| format!("LoRA rank {} alpha {}", l.rank, l.alpha));
-        return Err(HarnessError::Config(format!(
-            "--resume: {} was trained with {}, this run asks for {}: give the same --lora-rank/--lora-alpha",
-            p.dir.display(),
-            show(c.lora),
-            show(e.spec().lora)
-        )));
-    }
-    let w = load_tensors(&p.model())?;
-    check_complete(e, &w, &p.model())?;
-    e.import(&w)?;
-    let o = load_tensors(&p.optimizer())?;
-    e.import_optimizer(c.step, &o)?;
-    if let Some(st) = c.scaler {
-        e.set_scaler_state(st);
-    }
-    Ok(c.step)
-}
-
-/// Writes weights, moments and config into `dir` (which must exist), uncommitted: the caller
-/// commits the directory (`ckpt::commit_dir`).
-pub fn write_checkpoint_files(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind, seed: u64) -> Result<()> {
-    let model = e.export()?;
-    let (step, opt) = e.export_optimizer()?;
-    let cfg = CkptConfig {
-        model: e.spec().cfg.clone(),
-        head: e.spec().head,
-        tokenizer: tok,
-        step,
-        seed,
-        scaler: e.scaler_state(),
-        lora: e.spec().lora,
-    };
-    let p = CkptPaths::new(dir);
-    save_tensors(&p.model(), &model)?;
-    save_tensors(&p.optimizer(), &opt)?;
-    p.write_config(&cfg)
-}
-
-/// For a LoRA model, writes the merged model (adapters folded into the base weights: plain
-/// GPT-2 tensors `transformers` loads) with its config to `dir`; nothing otherwise.
-pub fn save_merged(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind, seed: u64) -> Result<()> {
-    let Some(lora) = e.spec().lora else { return Ok(()) };
-    let mut w: BTreeMap<String, Tensor> = e.export()?.into_iter().collect();
-    crate::model::merge_lora(&mut w, lora)?;
-    let cfg = CkptConfig {
-        model: e.spec().cfg.clone(),
-        head: e.spec().head,
-        tokenizer: tok,
-        step: e.steps(),
-        seed,
-        scaler: None,
-        lora: None,
-    };
-    // In first-use order, as the other checkpoints are written.
-    let model: Vec<(String, Tensor)> = crate::model::param_specs(&cfg.model, cfg.head).into_iter().filter_map(|s| w.remove(&s.name).map(|t| (s.name, t))).collect();
-    crate::ckpt::commit_dir(dir, |tmp| {
-        let p = CkptPaths::new(tmp);
-        save_tensors(&p.model(), &model)?;
-        p.write_config(&cfg)
-    })
-}
-
-/// Saves weights, moments and config under `dir`.
-pub fn save_checkpoint(e: &mut dyn Engine, dir: &Path, tok: TokenizerKind, seed: u64) -> Result<()> {
-    // The three files are one checkpoint: committed together or not at all.
-    crate::ckpt::commit_dir(dir, |tmp| write_checkpoint_files(e, tmp, tok, seed))
-}
-
 fn sft_data(a: &TrainArgs) -> Result<(Vec<SftExample>, Vec<SftExample>, Option<Task>)> {
     match (&a.task, &a.data) {
         (Some(t), None) => Ok((t.sft(a.train_size, a.seed, false, a.corrupt), t.sft(a.eval_size, a.seed, true, 0.0), Some(*t))),
@@ -548,7 +453,7 @@ fn sft_data(a: &TrainArgs) -> Result<(Vec<SftExample>, Vec<SftExample>, Option<T
     }
 }
 
-fn split_tail<T>(train: &mut Vec<T>, d: &Path) -> Result<Vec<T>> {
+pub(crate) fn split_tail<T>(train: &mut Vec<T>, d: &Path) -> Result<Vec<T>> {
     let n = train.len() / 10;
     if n == 0 {
         return Err(HarnessError::Config(format!("{}: too few records to hold out 10%; give --eval-data", d.display())));
@@ -580,20 +485,20 @@ pub fn eval_exact_match(e: &mut dyn Engine, tok: &Tokenizer, eval: &[SftExample]
 }
 
 /// A training batch: inputs on the engine's device and the loss over the model's output.
-type Batch = (Tensor, Box<dyn Fn(&Tensor) -> Tensor>);
+pub(crate) type Batch = (Tensor, Box<dyn Fn(&Tensor) -> Tensor>);
 
 /// Measures a stage's held-out metric (told whether this is the final evaluation).
-type Measure<'a> = Box<dyn FnMut(&mut dyn Engine, bool) -> Result<f64> + 'a>;
+pub(crate) type Measure<'a> = Box<dyn FnMut(&mut dyn Engine, bool) -> Result<f64> + 'a>;
 
 /// What the shared loop needs from a stage: its name in the log, the training set's size, how
 /// to build a batch from example indices, and its held-out metric's key, label and measure.
-struct Stage<'a> {
-    name: &'static str,
-    n: usize,
-    batch: &'a dyn Fn(&[usize]) -> Batch,
-    key: &'static str,
-    label: &'static str,
-    measure: Measure<'a>,
+pub(crate) struct Stage<'a> {
+    pub name: &'static str,
+    pub n: usize,
+    pub batch: &'a dyn Fn(&[usize]) -> Batch,
+    pub key: &'static str,
+    pub label: &'static str,
+    pub measure: Measure<'a>,
 }
 
 /// The loop SFT and the reward model share: batches keyed by (seed, step) so `--resume` replays
@@ -601,7 +506,7 @@ struct Stage<'a> {
 /// the end, checkpoints every `--save-every` steps and where the run stops. A run with nothing
 /// left to train evaluates once and saves its checkpoint if it has none (`--steps 0` exports the
 /// initial model). Returns the last loss and the last evaluation.
-fn train_loop(a: &TrainArgs, e: &mut dyn Engine, tok: &Tokenizer, run: &mut Run, start: u64, mut st: Stage<'_>) -> Result<(f64, Option<f64>)> {
+pub(crate) fn train_loop(a: &TrainArgs, e: &mut dyn Engine, tok: &Tokenizer, run: &mut Run, start: u64, mut st: Stage<'_>) -> Result<(f64, Option<f64>)> {
     let mut last_loss = f64::NAN;
     let mut metric = None;
     run.bar.set_position(start);
@@ -645,7 +550,7 @@ fn train_loop(a: &TrainArgs, e: &mut dyn Engine, tok: &Tokenizer, run: &mut Run,
 
 /// The end of an SFT or RM run: its report section (returned), the memory figures and trace,
 /// and the charts.
-fn finish_stage(a: &TrainArgs, e: &dyn Engine, run: &Run, name: &str, key: &str, loss: f64, metric: Option<f64>) -> Result<Value> {
+pub(crate) fn finish_stage(a: &TrainArgs, e: &dyn Engine, run: &Run, name: &str, key: &str, loss: f64, metric: Option<f64>) -> Result<Value> {
     let section = json!({"final_loss": loss, key: metric.unwrap_or(0.0), "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(), "strategy": format!("{:?}", a.strategy).to_lowercase(), "model": e.spec().cfg.name, "params": e.spec().numel(), "trainable_params": e.spec().trainable_numel()});
     let mut mem = memory_json(e);
     mem["transfer_hidden_share"] = json!(write_trace(a, &[(name, e)], run)?);
@@ -693,209 +598,6 @@ pub fn run_sft(a: &TrainArgs) -> Result<Value> {
     };
     let (loss, em) = train_loop(a, e.as_mut(), &tok, &mut run, start, stage)?;
     finish_stage(a, e.as_ref(), &run, "sft", "heldout_exact_match", loss, em)
-}
-
-/// Loads a checkpoint's weights into `e`; heads other than `e`'s are dropped (a critic starts
-/// from a reward model's body, a value head fresh).
-pub fn load_weights(e: &mut dyn Engine, dir: &Path, head_from: HeadKind) -> Result<()> {
-    let p = CkptPaths::new(dir);
-    let (_, mut w) = p.read_merged()?;
-    if head_from != e.spec().head {
-        w.retain(|k, _| !k.starts_with("v_head.") && !k.starts_with("score."));
-    }
-    let fresh = |n: &str| n.starts_with("v_head.") || n.starts_with("score.") || crate::model::is_adapter(n);
-    if let Some(missing) = e.spec().params.iter().find(|s| !w.contains_key(&s.name) && !fresh(&s.name)) {
-        return Err(HarnessError::Checkpoint {
-            path: p.model(),
-            msg: format!("lacks {}", missing.name),
-        });
-    }
-    e.import(&w)
-}
-
-/// Where a reward model's preference pairs come from on a built-in task.
-#[derive(Debug, Clone, clap::Args)]
-pub struct PairArgs {
-    /// Sample the pairs from this policy checkpoint (e.g. the SFT model's) and rank them by the
-    /// task's gold reward, as InstructGPT's labellers ranked the SFT model's outputs: the reward
-    /// model learns the distinctions its policy's samples need. Default: synthetic pairs (the
-    /// answer against edits of it).
-    #[arg(long)]
-    pub pairs_from: Option<PathBuf>,
-    /// Responses sampled per prompt; every two of them with different gold rewards make a pair
-    /// (a synthetic pair where all tie).
-    #[arg(long, default_value_t = 4)]
-    pub pairs_samples: usize,
-    /// Prompts sampled for training pairs (at most --train-size).
-    #[arg(long, default_value_t = 4096)]
-    pub pairs_prompts: usize,
-    /// Sampling temperature and response length for the pairs (PPO's, in `stowage pipeline`).
-    #[arg(long, default_value_t = 1.0)]
-    pub pairs_temperature: f64,
-    #[arg(long, default_value_t = 48)]
-    pub pairs_max_new: usize,
-}
-
-impl Default for PairArgs {
-    fn default() -> Self {
-        PairArgs {
-            pairs_from: None,
-            pairs_samples: 4,
-            pairs_prompts: 4096,
-            pairs_temperature: 1.0,
-            pairs_max_new: 48,
-        }
-    }
-}
-
-/// Preference pairs from a policy's samples for `prompts`, ranked by `task`'s gold reward: at
-/// least one per prompt, in prompt order.
-#[allow(clippy::too_many_arguments)]
-pub fn policy_pairs(e: &mut dyn Engine, tok: &Tokenizer, task: Task, prompts: &[String], pa: &PairArgs, seed: u64, noise: f64, bar: &indicatif::ProgressBar) -> Result<Vec<PrefExample>> {
-    let k = pa.pairs_samples.max(2);
-    let mut rng = <ChaCha8Rng as SeedableRng>::seed_from_u64(seed ^ 0x0009_a1e5);
-    let sampler = Sampler::Sample {
-        temperature: pa.pairs_temperature,
-        top_k: 0,
-        top_p: 1.0,
-    };
-    let mut out = Vec::with_capacity(prompts.len());
-    for (c, part) in prompts.chunks(256).enumerate() {
-        let ids: Vec<Vec<i64>> = part
-            .iter()
-            .flat_map(|p| {
-                let mut v = vec![tok.bos()];
-                v.extend(tok.encode(p));
-                std::iter::repeat_n(v, k)
-            })
-            .collect();
-        let gen = generate(e, &ids, pa.pairs_max_new, tok.eos(), tok.pad(), sampler, &mut rng)?;
-        for (i, prompt) in part.iter().enumerate() {
-            let mut scored: Vec<(f64, String)> = gen[i * k..(i + 1) * k]
-                .iter()
-                .map(|g| {
-                    let text = tok.decode(&g.tokens);
-                    (task.reward(prompt, &text, g.ended), text)
-                })
-                .collect();
-            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-            scored.dedup_by(|a, b| a.1 == b.1);
-            // Every comparison the ranking implies (InstructGPT trains on all K-choose-2 pairs
-            // of a ranking), a synthetic pair where all samples tie.
-            let before = out.len();
-            for (x, hi) in scored.iter().enumerate() {
-                for lo in &scored[x + 1..] {
-                    if hi.0 > lo.0 {
-                        out.push(PrefExample {
-                            prompt: prompt.clone(),
-                            chosen: hi.1.clone(),
-                            rejected: lo.1.clone(),
-                        });
-                    }
-                }
-            }
-            if out.len() == before {
-                out.push(task.pair_for(prompt, &mut rng));
-            }
-            for p in &mut out[before..] {
-                if rng.gen_bool(noise.clamp(0.0, 1.0)) {
-                    std::mem::swap(&mut p.chosen, &mut p.rejected);
-                }
-            }
-        }
-        bar.set_message(format!("sampling preference pairs: {} of {} prompts, {} pairs", (c * 256 + part.len()), prompts.len(), out.len()));
-    }
-    Ok(out)
-}
-
-fn pref_data(a: &TrainArgs, pa: &PairArgs, bar: &indicatif::ProgressBar) -> Result<(Vec<PrefExample>, Vec<PrefExample>)> {
-    match (&a.task, &a.data) {
-        (Some(t), None) if pa.pairs_from.is_some() => {
-            let dir = pa.pairs_from.as_deref().unwrap_or(Path::new(""));
-            let c = CkptPaths::new(dir).read_config()?;
-            if c.tokenizer != a.tokenizer {
-                return Err(HarnessError::Config(format!("--pairs-from {}: its tokenizer differs from --tokenizer", dir.display())));
-            }
-            let mut notes = Vec::new();
-            let mut policy = build_engine_with(a, ModelSpec::new(c.model.clone(), HeadKind::Lm), TrainOpts::frozen(a.compute_dtype()), &mut notes)?;
-            load_weights(policy.as_mut(), dir, c.head)?;
-            let train = t.prompts(pa.pairs_prompts.min(a.train_size), a.seed, false);
-            let eval = t.prompts(a.eval_size, a.seed, true);
-            let tok = Tokenizer::new(a.tokenizer)?;
-            Ok((
-                policy_pairs(policy.as_mut(), &tok, *t, &train, pa, a.seed, a.label_noise, bar)?,
-                policy_pairs(policy.as_mut(), &tok, *t, &eval, pa, a.seed ^ 1, 0.0, bar)?,
-            ))
-        }
-        (None, Some(_)) if pa.pairs_from.is_some() => Err(HarnessError::Config("--pairs-from needs --task (the gold reward ranks the samples); with --data the file holds the pairs".into())),
-        (Some(t), None) => Ok((t.preferences(a.train_size, a.seed, false, a.label_noise), t.preferences(a.eval_size, a.seed, true, 0.0))),
-        (None, Some(d)) => {
-            let mut train: Vec<PrefExample> = load_jsonl(d)?;
-            let eval = match &a.eval_data {
-                Some(e) => load_jsonl(e)?,
-                None => split_tail(&mut train, d)?,
-            };
-            Ok((train, eval))
-        }
-        _ => Err(HarnessError::Config("give exactly one of --task NAME and --data FILE".into())),
-    }
-}
-
-fn pair_seqs(tok: &Tokenizer, pairs: &[&PrefExample], ctx: usize) -> Vec<Vec<i64>> {
-    let mut v: Vec<Vec<i64>> = pairs.iter().map(|p| encode_pair(tok, &p.prompt, &p.chosen, ctx - 1).0).collect();
-    v.extend(pairs.iter().map(|p| encode_pair(tok, &p.prompt, &p.rejected, ctx - 1).0));
-    v
-}
-
-/// Held-out pairwise accuracy: the share of pairs scored chosen above rejected.
-pub fn eval_pairwise(e: &mut dyn Engine, tok: &Tokenizer, eval: &[PrefExample], batch: usize) -> Result<f64> {
-    let ctx = e.spec().cfg.n_ctx;
-    let mut right = 0usize;
-    for part in eval.chunks(batch.max(1)) {
-        let refs: Vec<&PrefExample> = part.iter().collect();
-        let (ids, last) = score_batch(&pair_seqs(tok, &refs, ctx), tok.pad());
-        let out = e.forward(&ids.to_device(e.device()))?;
-        let r = gather_last(&out, &last);
-        let b = part.len() as i64;
-        let better = r.narrow(0, 0, b).gt_tensor(&r.narrow(0, b, b));
-        right += better.sum(Kind::Int64).int64_value(&[]) as usize;
-    }
-    Ok(right as f64 / eval.len().max(1) as f64)
-}
-
-/// `stowage rm`: returns the report section.
-pub fn run_rm(a: &TrainArgs, loss_kind: RmLoss, pairs: &PairArgs) -> Result<Value> {
-    let tok = Tokenizer::new(a.tokenizer)?;
-    let (train, eval) = {
-        let spin = if a.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new_spinner() };
-        let r = pref_data(a, pairs, &spin)?;
-        spin.finish_and_clear();
-        r
-    };
-    let cfg = model_config(a, &tok)?;
-    let mut notes = Vec::new();
-    let mut e = build_engine(a, cfg, HeadKind::Score, &mut notes)?;
-    let start = load_start(a, e.as_mut(), HeadKind::Score, &a.out)?;
-    let mut run = Run::open(&a.out, a.steps, a.quiet, "rm")?;
-    for n in &notes {
-        run.bar.println(format!("note: {n}"));
-    }
-    let ctx = e.spec().cfg.n_ctx;
-    let batch = |idx: &[usize]| -> Batch {
-        let pairs: Vec<&PrefExample> = idx.iter().map(|&i| &train[i]).collect();
-        let (ids, last) = score_batch(&pair_seqs(&tok, &pairs, ctx), tok.pad());
-        (ids, Box::new(move |out: &Tensor| rm_loss(&gather_last(out, &last), loss_kind)))
-    };
-    let stage = Stage {
-        name: "rm",
-        n: train.len(),
-        batch: &batch,
-        key: "heldout_accuracy",
-        label: "held-out pairwise accuracy",
-        measure: Box::new(|e: &mut dyn Engine, _| eval_pairwise(e, &tok, &eval, a.batch_size)),
-    };
-    let (loss, acc) = train_loop(a, e.as_mut(), &tok, &mut run, start, stage)?;
-    finish_stage(a, e.as_ref(), &run, "rm", "heldout_accuracy", loss, acc)
 }
 
 #[cfg(test)]
@@ -952,36 +654,4 @@ mod tests {
         assert_ne!(batch_indices(1, 5, 100, 8), batch_indices(2, 5, 100, 8));
     }
 
-    #[test]
-    fn policy_pairs_rank_the_policy_s_samples_by_gold_reward() {
-        let tok = Tokenizer::new(TokenizerKind::Byte).unwrap();
-        let cfg = GptConfig::parse("2x32x4", tok.vocab(), 48).unwrap();
-        let mut e = Naive::new(ModelSpec::new(cfg, HeadKind::Lm), tch::Device::Cpu, TrainOpts::frozen(DType::F32), 3).unwrap();
-        let task = Task::Sort;
-        let prompts = task.prompts(12, 0, false);
-        let pa = PairArgs {
-            pairs_max_new: 6,
-            ..Default::default()
-        };
-        let bar = indicatif::ProgressBar::hidden();
-        let pairs = policy_pairs(&mut e, &tok, task, &prompts, &pa, 7, 0.0, &bar).unwrap();
-        assert!(pairs.len() >= prompts.len());
-        let mut sampled = 0;
-        for p in &pairs {
-            let x = &p.prompt;
-            assert!(prompts.contains(x));
-            let (c, r) = (task.reward(x, &p.chosen, true), task.reward(x, &p.rejected, true));
-            assert!(c > r, "{p:?}: {c} <= {r}");
-            // An untrained policy's samples are not the answer: pairs of them are sampled ones.
-            if p.chosen != task.answer(x).unwrap() {
-                sampled += 1;
-            }
-        }
-        assert!(sampled > 0, "every pair fell back to a synthetic one");
-        assert!(prompts.iter().all(|x| pairs.iter().any(|p| &p.prompt == x)), "a prompt without a pair");
-        let again = policy_pairs(&mut e, &tok, task, &prompts, &pa, 7, 0.0, &bar).unwrap();
-        assert_eq!(again.iter().map(|p| &p.chosen).collect::<Vec<_>>(), pairs.iter().map(|p| &p.chosen).collect::<Vec<_>>());
-        let flipped = policy_pairs(&mut e, &tok, task, &prompts, &pa, 7, 1.0, &bar).unwrap();
-        assert!(flipped.iter().all(|p| task.reward(&p.prompt, &p.chosen, true) < task.reward(&p.prompt, &p.rejected, true)));
-    }
 }

@@ -77,6 +77,28 @@ fn ppo_capacity_runs_both_strategies_and_reports_each_run() {
 }
 
 #[test]
+fn lora_rows_run_three_models_with_adapters() {
+    let d = scratch();
+    let nvme = d.path().join("swap");
+    let (runs, md) = bench(
+        &["--task", "ppo", "--budget", "3G", "--models", "2x64x4", "--steps", "1", "--lora-rank", "4", "--lora-only", "--nvme-dir", nvme.to_str().unwrap()],
+        &d,
+    );
+    let names: Vec<&str> = runs.iter().map(|r| r["strategy"].as_str().unwrap()).collect();
+    assert_eq!(names, ["naive+lora", "chunked+lora"], "{runs:?}");
+    for r in &runs {
+        assert_eq!(r["fits"], true, "{r}");
+        // Actor (its own reference), critic and reward model; adapters add a few parameters.
+        let (n, total) = (r["params"].as_u64().unwrap(), r["params_total"].as_u64().unwrap());
+        assert!(total > 3 * n && total < 3 * n + n / 5, "three models: {r}");
+    }
+    assert!(md.contains("chunked+lora / naive+lora capacity: 1.0x"), "{md}");
+    let o = stowage().args(["bench", "capacity", "--quiet", "--budget", "1G", "--lora-only", "--out"]).arg(d.path().join("x")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--lora-only needs --lora-rank"), "{err}");
+}
+
+#[test]
 fn a_run_over_the_budget_is_stopped_and_larger_models_are_skipped() {
     let d = scratch();
     // 2x64x4 fits in 1 GiB; 8x1024x16 (about 100M parameters, 1.6 GB of fp32 weights, gradients

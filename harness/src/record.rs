@@ -60,10 +60,7 @@ pub fn write_trace(a: &TrainArgs, engines: &[(&str, &dyn Engine)], run: &Run) ->
         Some(s) => format!("trace {}: {:.1}% of transfer time hidden under compute ({:.0} of {:.0} ms)", path.display(), 100.0 * s, total.hidden_us / 1e3, total.transfer_us / 1e3),
         None => format!("trace {}: no transfers", path.display()),
     };
-    run.bar.println(&line);
-    if run.bar.is_hidden() {
-        eprintln!("{line}");
-    }
+    run.say(&line);
     Ok(share)
 }
 
@@ -143,6 +140,16 @@ impl Run {
     /// `kl.png`). A failure is reported, not fatal: the metrics file is the record.
     pub fn charts(&self) {
         draw_charts(&self.dir);
+    }
+
+    /// Prints a line for the user: above the progress bar, or on stderr when there is none
+    /// (`--quiet`, or stderr is not a terminal), so notes reach logs too.
+    pub fn say(&self, line: impl AsRef<str>) {
+        if self.bar.is_hidden() {
+            eprintln!("{}", line.as_ref());
+        } else {
+            self.bar.println(line.as_ref());
+        }
     }
 
     pub fn log(&mut self, v: Value) -> Result<()> {

@@ -179,12 +179,12 @@ pub fn run_rm(a: &TrainArgs, loss_kind: RmLoss, pairs: &PairArgs) -> Result<Valu
         r
     };
     let cfg = model_config(a, &tok)?;
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = lora_note(a).into_iter().collect();
     let mut e = build_engine(a, cfg, HeadKind::Score, &mut notes)?;
     let start = load_start(a, e.as_mut(), HeadKind::Score, &a.out)?;
     let mut run = Run::open(&a.out, a.steps, a.quiet, "rm")?;
     for n in &notes {
-        run.bar.println(format!("note: {n}"));
+        run.say(format!("note: {n}"));
     }
     let ctx = e.spec().cfg.n_ctx;
     let batch = |idx: &[usize]| -> Batch {

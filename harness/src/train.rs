@@ -216,6 +216,13 @@ impl TrainArgs {
     }
 }
 
+/// A warning for adapters over a randomly initialised base (no `--init`): they can learn
+/// little there; LoRA is meant for a trained model.
+pub(crate) fn lora_note(a: &TrainArgs) -> Option<String> {
+    (a.lora().is_some() && a.init.is_none() && !a.resume)
+        .then(|| "--lora-rank without --init: the adapters train over a randomly initialised, frozen base (give --init DIR, a trained checkpoint, to adapt a model)".into())
+}
+
 /// Builds the engine for `head` as the options ask.
 pub fn build_engine(a: &TrainArgs, cfg: GptConfig, head: HeadKind, notes: &mut Vec<String>) -> Result<Box<dyn Engine>> {
     let opts = TrainOpts {
@@ -528,7 +535,7 @@ pub(crate) fn train_loop(a: &TrainArgs, e: &mut dyn Engine, tok: &Tokenizer, run
         if (a.eval_every > 0 && (step + 1) % a.eval_every == 0) || done {
             let r = (st.measure)(e, done)?;
             run.log(json!({"stage": st.name, "step": step + 1, st.key: r}))?;
-            run.bar.println(format!("step {}: {} {:.3}", step + 1, st.label, r));
+            run.say(format!("step {}: {} {:.3}", step + 1, st.label, r));
             metric = Some(r);
         }
         if (a.save_every > 0 && (step + 1) % a.save_every == 0) || step + 1 == end {
@@ -564,12 +571,12 @@ pub fn run_sft(a: &TrainArgs) -> Result<Value> {
     let tok = Tokenizer::new(a.tokenizer)?;
     let (train, eval, task) = sft_data(a)?;
     let cfg = model_config(a, &tok)?;
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = lora_note(a).into_iter().collect();
     let mut e = build_engine(a, cfg, HeadKind::Lm, &mut notes)?;
     let start = load_start(a, e.as_mut(), HeadKind::Lm, &a.out)?;
     let mut run = Run::open(&a.out, a.steps, a.quiet, "sft")?;
     for n in &notes {
-        run.bar.println(format!("note: {n}"));
+        run.say(format!("note: {n}"));
     }
     let ctx = e.spec().cfg.n_ctx;
     let encoded: Vec<(Vec<i64>, usize)> = train.iter().map(|x| encode_pair(&tok, &x.prompt, &x.completion, ctx)).collect();

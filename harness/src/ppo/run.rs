@@ -203,7 +203,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     };
     let mut run = Run::open(&a.out, a.steps, a.quiet, "ppo")?;
     for n in &notes {
-        run.bar.println(format!("note: {n}"));
+        run.say(format!("note: {n}"));
     }
     let ckpt_dir = a.out.join("checkpoint");
     let mut kl_ctl = KlController::new(p.kl_coef, p.kl_target, p.kl_horizon);

@@ -3,6 +3,7 @@
 //! optimizer state in Stowage chunks, blocks executed one at a time with recompute).
 
 pub mod chunked;
+mod footprint;
 pub mod naive;
 
 use std::collections::BTreeMap;

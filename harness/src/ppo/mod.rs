@@ -7,7 +7,7 @@
 pub mod algo;
 mod run;
 
-pub use run::{run_pipeline, run_ppo, PipelineArgs};
+pub use run::{run_pipeline, run_ppo, PipelineArgs, RmInit};
 
 use std::cell::RefCell;
 use std::path::PathBuf;

@@ -43,6 +43,22 @@ pub struct PipelineArgs {
     /// `--model` (InstructGPT paired a 6B reward model with its policies).
     #[arg(long)]
     pub rm_model: Option<String>,
+    /// Where the reward model starts: `sft`, the SFT model's weights with a new score head (as
+    /// InstructGPT's did: it knows the task before it learns to judge), or `random`. A reward
+    /// model of another size (`--rm-model`) starts at random.
+    #[arg(long, value_enum, default_value_t = RmInit::Sft)]
+    pub rm_init: RmInit,
+    /// The reward model's learning rate. Default: 3e-4 when it starts from the SFT model (a
+    /// fine-tune: larger rates wash out what it knows), --lr when it starts at random.
+    #[arg(long)]
+    pub rm_lr: Option<f32>,
+}
+
+/// The reward model's starting weights in `stowage pipeline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RmInit {
+    Sft,
+    Random,
 }
 
 /// `stowage pipeline`: SFT, then the reward model, then PPO, each in `OUT/<stage>`, the report
@@ -74,6 +90,9 @@ pub fn run_pipeline(a: &TrainArgs, l: &PipelineArgs, p: &PpoArgs) -> Result<Valu
     if let Some(m) = &l.rm_model {
         rm.model = m.clone();
     }
+    let from_sft = l.rm_init == RmInit::Sft && rm.model == a.model;
+    rm.init = from_sft.then(|| sft.out.join("checkpoint"));
+    rm.lr = l.rm_lr.unwrap_or(if from_sft { 3e-4 } else { a.lr });
     // The reward model learns from the SFT model's own samples ranked by the gold reward (the
     // distribution PPO starts from, sampled as PPO samples), unless told otherwise.
     let pairs = crate::train::PairArgs {

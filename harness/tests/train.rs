@@ -250,27 +250,31 @@ fn pipeline_runs_end_to_end_and_reports() {
 
 /// The pipeline's reward model starts from the SFT model (InstructGPT's recipe): with no RM
 /// step taken, its transformer body is the SFT checkpoint's, tensor for tensor, under a new
-/// score head; `--rm-init random` starts it elsewhere.
+/// score head (also when `--rm-model` spells the policy's size another way); `--rm-init
+/// random` starts it elsewhere.
 #[test]
 fn the_pipeline_reward_model_starts_from_the_sft_model() {
     let load = |p: std::path::PathBuf| stowage_harness::ckpt::load_tensors(&p).unwrap();
-    let body = |d: &Path, init: &str| {
+    let body = |d: &Path, models: [&str; 2], init: &str| {
         let r = run(
-            &["pipeline", "--task", "sort", "--model", "2x32x4", "--sft-steps", "3", "--rm-steps", "0", "--ppo-steps", "0", "--batch-size", "4", "--eval-size", "4", "--max-new", "4", "--pairs-prompts", "8", "--rm-init", init],
+            &[
+                "pipeline", "--task", "sort", "--model", models[0], "--rm-model", models[1], "--sft-steps", "3", "--rm-steps", "0", "--ppo-steps", "0", "--batch-size", "4", "--eval-size", "4", "--max-new", "4",
+                "--pairs-prompts", "8", "--rm-init", init,
+            ],
             d,
         );
         assert_eq!(r["rm"]["steps"], 0, "{r}");
         (load(d.join("sft/checkpoint/model.safetensors")), load(d.join("rm/checkpoint/model.safetensors")))
     };
     let d = tempfile::tempdir().unwrap();
-    let (sft, rm) = body(&d.path().join("sft-init"), "sft");
+    let (sft, rm) = body(&d.path().join("sft-init"), ["tiny", "4x128x4"], "sft");
     assert!(rm.keys().any(|n| n.starts_with("score.")) && !sft.keys().any(|n| n.starts_with("score.")));
     assert!(sft.len() > 10 && sft.contains_key("h.1.mlp.c_proj.weight"), "{:?}", sft.keys());
     for (n, t) in &sft {
         let got = rm.get(n).unwrap_or_else(|| panic!("the reward model has no {n}"));
         assert!(got.equal(t), "{n} differs between the SFT model and the untrained reward model");
     }
-    let (sft, rm) = body(&d.path().join("random-init"), "random");
+    let (sft, rm) = body(&d.path().join("random-init"), ["2x32x4", "2x32x4"], "random");
     let n = "h.0.attn.c_attn.weight";
     assert!(!rm[n].equal(&sft[n]), "--rm-init random gave the SFT model's {n}");
 }

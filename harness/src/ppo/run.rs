@@ -90,7 +90,16 @@ pub fn run_pipeline(a: &TrainArgs, l: &PipelineArgs, p: &PpoArgs) -> Result<Valu
     if let Some(m) = &l.rm_model {
         rm.model = m.clone();
     }
-    let from_sft = l.rm_init == RmInit::Sft && rm.model == a.model;
+    // The same size however it is spelt (`tiny` or `4x128x4`).
+    let same_size = rm.model == a.model || {
+        let vocab = Tokenizer::new(a.tokenizer)?.vocab();
+        let dims = |m: &str| crate::model::GptConfig::parse(m, vocab, a.ctx).ok().map(|c| (c.n_layer, c.n_embd, c.n_head));
+        dims(&rm.model).is_some() && dims(&rm.model) == dims(&a.model)
+    };
+    if l.rm_init == RmInit::Sft && !same_size {
+        eprintln!("note: the reward model ({}) is not the policy's size ({}): it starts from random weights", rm.model, a.model);
+    }
+    let from_sft = l.rm_init == RmInit::Sft && same_size;
     rm.init = from_sft.then(|| sft.out.join("checkpoint"));
     rm.lr = l.rm_lr.unwrap_or(if from_sft { 3e-4 } else { a.lr });
     // The reward model learns from the SFT model's own samples ranked by the gold reward (the

@@ -104,6 +104,9 @@ pub struct CapacityArgs {
     /// With --lora-rank: run the LoRA rows only.
     #[arg(long)]
     pub lora_only: bool,
+    /// PPO, chunked: give each model a fixed share of the budget instead of taking turns.
+    #[arg(long)]
+    pub fixed_shares: bool,
     /// Run nothing: redraw the table and chart from an earlier run's `--json` file (give the
     /// same --task, --budget, --batch-size, --ctx and --max-new for the table's heading).
     #[arg(long)]
@@ -284,7 +287,8 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
         // recompute) needs every parameter chunk of a trainable model on the device and the
         // naive strategy's activations: take it where both fit, else recompute.
         let dev_share = |chunks: u64| if cuda { chunks } else { chunks / 2 };
-        let trainable_share = if c.workload == Workload::Ppo { 1.0 / 3.0 } else { 1.0 };
+        // PPO's models take turns with the budgets unless given fixed shares.
+        let trainable_share = if c.workload == Workload::Ppo && a.fixed_shares { 1.0 / 3.0 } else { 1.0 };
         let act_keep = activation_bytes(&cfg, c.workload, Strategy::Naive, a.batch_size);
         let dsize = a.compute_dtype().size() as u64;
         let block = 12 * (cfg.n_embd as u64).pow(2) + 13 * cfg.n_embd as u64;
@@ -516,6 +520,9 @@ fn run_one(a: &CapacityArgs, (strategy, lora): (Strategy, bool), model: &str, pa
         .arg(a.out.join(&tag));
     if lora {
         cmd.args(["--lora-rank", &a.lora_rank.to_string()]);
+    }
+    if a.fixed_shares {
+        cmd.arg("--fixed-shares");
     }
     let nvme = match (&a.nvme_dir, strategy) {
         (Some(d), Strategy::Chunked) => {
@@ -854,6 +861,7 @@ mod tests {
             keep_going: false,
             lora_rank: 8,
             lora_only: false,
+            fixed_shares: false,
             from_json: None,
             quiet: true,
         };

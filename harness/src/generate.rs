@@ -67,6 +67,8 @@ pub fn pick(logits: &Tensor, s: Sampler, rng: &mut impl rand::Rng) -> Tensor {
 /// prompts of equal length and decoding with one key/value cache per block, through either
 /// strategy.
 pub fn generate(engine: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, eos: i64, pad: i64, s: Sampler, rng: &mut impl rand::Rng) -> Result<Vec<Generated>> {
+    // Every generated token reads every parameter.
+    engine.claim_parameters()?;
     let n_layer = engine.spec().cfg.n_layer;
     let n_ctx = engine.spec().cfg.n_ctx;
     let device = engine.device();

@@ -116,6 +116,15 @@ pub struct TrainArgs {
     /// Directory for NVMe swap files: chunks spill there past the host budget.
     #[arg(long)]
     pub nvme_dir: Option<PathBuf>,
+    /// ppo, pipeline: give each chunked model a fixed share of --device-budget and
+    /// --host-budget (a third to the actor and the critic, a sixth to the reference and the
+    /// reward model) instead of letting the model at work use all of it while the idle ones
+    /// wait on NVMe.
+    #[arg(long)]
+    pub fixed_shares: bool,
+    /// Budgets shared with other models (set by ppo, not a flag).
+    #[arg(skip)]
+    pub turns: Option<crate::engine::turns::Turns>,
     /// Elements per chunk (default: searched for least waste).
     #[arg(long)]
     pub chunk_elems: Option<usize>,
@@ -293,6 +302,7 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
                 chunk_elems: a.chunk_elems,
                 trace: a.trace.is_some(),
                 keep_graph: !a.recompute,
+                turns: a.turns.clone(),
                 ..ChunkedOpts::default()
             };
             Box::new(Chunked::new(spec, opts, copts, a.seed)?)

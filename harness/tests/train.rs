@@ -161,6 +161,41 @@ fn ppo_resumed_after_a_stop_matches_a_straight_run() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("ppo_state.json"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// The four PPO models taking turns with one device and host budget (chunks spilling to NVMe)
+/// train exactly as with fixed shares of it: where chunks live changes no number. And turns
+/// are taken: models give memory back to one another.
+#[test]
+fn ppo_models_taking_turns_with_the_budgets_train_as_with_fixed_shares() {
+    let d = scratch();
+    let small = ["--task", "sort", "--model", "2x32x4", "--batch-size", "4", "--eval-size", "4", "--eval-every", "0"];
+    run(&[&["sft", "--steps", "4"], &small[..]].concat(), &d.path().join("sft"));
+    run(&[&["rm", "--steps", "4"], &small[..]].concat(), &d.path().join("rm"));
+    let (actor, rm) = (d.path().join("sft/checkpoint"), d.path().join("rm/checkpoint"));
+    let ppo = |out: &str, extra: &[&str]| {
+        let nvme = d.path().join(format!("{out}-swap"));
+        let args: Vec<&str> = [
+            &["ppo", "--steps", "2", "--max-new", "6", "--actor", actor.to_str().unwrap(), "--reward-model", rm.to_str().unwrap()][..],
+            &["--device-budget", "1M", "--host-budget", "1M", "--nvme-dir", nvme.to_str().unwrap()],
+            &small[..],
+            extra,
+        ]
+        .concat();
+        let r = run(&args, &d.path().join(out));
+        let w = stowage_harness::ckpt::load_tensors(&d.path().join(out).join("actor/model.safetensors")).unwrap();
+        (r, w)
+    };
+    let (turns, a) = ppo("turns", &[]);
+    let (fixed, b) = ppo("fixed", &["--fixed-shares"]);
+    assert!(turns["memory"]["budget_turns"]["releases"].as_u64().unwrap() > 0, "no model gave memory back: {turns}");
+    assert!(fixed["memory"].get("budget_turns").is_none(), "{fixed}");
+    assert!(turns["memory"]["bytes_moved"]["host->nvme"].as_u64().unwrap_or(0) > 0, "nothing spilled to NVMe: {turns}");
+    assert_eq!(turns["ppo"]["gold_reward_after"], fixed["ppo"]["gold_reward_after"]);
+    assert_eq!(a.len(), b.len());
+    for (k, v) in &a {
+        assert!(v.equal(&b[k]), "{k} differs between shared and fixed budgets");
+    }
+}
+
 /// `--trace`: a Chrome trace with the model's process, a compute track and link tracks, and the
 /// hidden share in the report.
 #[test]

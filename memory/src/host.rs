@@ -43,25 +43,49 @@ impl HostArenas {
     }
 }
 
+impl HostArenas {
+    /// Anonymous mappings are page-aligned and zero-filled, and unmapping gives the pages back to
+    /// the system at once, whatever their size (the allocator keeps freed blocks below its mmap
+    /// threshold in its heap, where they still count as resident).
+    fn mapped(&self) -> bool {
+        self.align <= page_size()
+    }
+}
+
 impl ArenaBackend for HostArenas {
     fn alloc_arena(&self, _id: u32, bytes: usize) -> Result<u64> {
-        let layout = self.layout(bytes)?;
-        // SAFETY: `layout` has a non-zero size (pools never ask for empty arenas).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(Error::Alloc {
-                tier: self.tier,
-                bytes: bytes as u64,
-                reason: "the system allocator refused".into(),
-            });
-        }
+        let ptr = if self.mapped() {
+            // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+            let p = unsafe {
+                libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            };
+            if p == libc::MAP_FAILED {
+                return Err(Error::Alloc {
+                    tier: self.tier,
+                    bytes: bytes as u64,
+                    reason: format!("mmap: {}", std::io::Error::last_os_error()),
+                });
+            }
+            p as *mut u8
+        } else {
+            let layout = self.layout(bytes)?;
+            // SAFETY: `layout` has a non-zero size (pools never ask for empty arenas).
+            let p = unsafe { std::alloc::alloc_zeroed(layout) };
+            if p.is_null() {
+                return Err(Error::Alloc {
+                    tier: self.tier,
+                    bytes: bytes as u64,
+                    reason: "the system allocator refused".into(),
+                });
+            }
+            p
+        };
         for (i, hook) in self.hooks.iter().enumerate() {
             if let Err(e) = hook.arena_added(ptr, bytes) {
                 for h in &self.hooks[..i] {
                     h.arena_removed(ptr, bytes);
                 }
-                // SAFETY: allocated above with the same layout and not shared with anyone.
-                unsafe { std::alloc::dealloc(ptr, layout) };
+                self.release(ptr, bytes);
                 return Err(e);
             }
         }
@@ -73,14 +97,27 @@ impl ArenaBackend for HostArenas {
         for h in self.hooks.iter().rev() {
             h.arena_removed(ptr, bytes);
         }
-        let layout = self.layout(bytes).expect("the layout was valid when allocated");
-        // SAFETY: `base` came from `alloc_arena` with this layout, and the pool frees an arena
-        // only when none of its slots is held, so nothing refers to it any more.
-        unsafe { std::alloc::dealloc(ptr, layout) };
+        self.release(ptr, bytes);
     }
 
     fn host_addressable(&self) -> bool {
         true
+    }
+}
+
+impl HostArenas {
+    /// Gives back a region obtained by `alloc_arena`.
+    fn release(&self, ptr: *mut u8, bytes: usize) {
+        if self.mapped() {
+            // SAFETY: `ptr` is a mapping of `bytes` made by `alloc_arena`, and the pool frees an
+            // arena only when none of its slots is held, so nothing refers to it any more.
+            unsafe { libc::munmap(ptr.cast(), bytes) };
+        } else {
+            let layout = self.layout(bytes).expect("the layout was valid when allocated");
+            // SAFETY: `ptr` came from `alloc_zeroed` with this layout, and nothing refers to it
+            // any more (as above).
+            unsafe { std::alloc::dealloc(ptr, layout) };
+        }
     }
 }
 

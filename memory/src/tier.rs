@@ -56,8 +56,11 @@ impl std::fmt::Display for ChunkId {
 /// including staging buffers and the slots of moves still in flight.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierStats {
-    /// The budget in bytes.
+    /// The budget in bytes (less, if the system refused memory below it).
     pub capacity: u64,
+    /// The most the tier may hold now: `capacity`, less what other pools sharing its budget
+    /// ([`crate::SharedBudget`]) hold.
+    pub limit: u64,
     /// Bytes of slots handed out (live data, staging and in-flight slots).
     pub used: u64,
     /// Highest `used` seen.

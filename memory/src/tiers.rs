@@ -17,7 +17,7 @@ use crate::host::{page_size, HostArenaHook, HostArenas};
 use crate::lane::{Done, Lane};
 use crate::nvme::engine::{EngineCounters, EngineKind, RegisterHook};
 use crate::nvme::{Nvme, NvmeArenas, NvmeConfig};
-use crate::pool::{ArenaBackend, Pool, Slot};
+use crate::pool::{ArenaBackend, Pool, SharedBudget, Slot};
 use crate::tier::{ChunkId, DeviceKind, Tier, TierStats};
 use crate::transfer::{Op, Transfer};
 
@@ -134,8 +134,15 @@ pub struct TiersConfig {
     pub nvme: Option<NvmeConfig>,
     /// Preferred size of one host or NVMe arena (the unit in which those tiers grow). The device
     /// tier is one arena of its whole budget, obtained at its first use, so chunks of different
-    /// sizes can always be placed by evicting. Default: 256 MiB.
+    /// sizes can always be placed by evicting; with a shared device budget it grows by arenas of
+    /// this size too, so what one manager gives back another can take. Default: 256 MiB.
     pub arena_bytes: usize,
+    /// A device budget shared with other managers' tiers (see [`SharedBudget`]). Default: none.
+    #[serde(skip)]
+    pub shared_device: Option<SharedBudget>,
+    /// A host budget shared with other managers' tiers. Default: none.
+    #[serde(skip)]
+    pub shared_host: Option<SharedBudget>,
 }
 
 impl Default for TiersConfig {
@@ -146,6 +153,8 @@ impl Default for TiersConfig {
             pin_host: true,
             nvme: None,
             arena_bytes: 256 << 20,
+            shared_device: None,
+            shared_host: None,
         }
     }
 }
@@ -170,6 +179,13 @@ impl TiersConfig {
     }
     pub fn with_arena_bytes(mut self, bytes: usize) -> Self {
         self.arena_bytes = bytes;
+        self
+    }
+    /// Draws the device and host tiers' memory from budgets shared with other managers (each
+    /// tier stays under its own budget too).
+    pub fn with_shared(mut self, device: Option<SharedBudget>, host: Option<SharedBudget>) -> Self {
+        self.shared_device = device;
+        self.shared_host = host;
         self
     }
 }
@@ -240,9 +256,14 @@ impl Tiers {
             Tier::Host,
             cfg.host_budget,
             cfg.arena_bytes,
+            cfg.shared_host.clone(),
             Box::new(HostArenas::new(Tier::Host, align, hooks)),
         );
-        let device_arena = usize::try_from(cfg.device.budget).unwrap_or(usize::MAX);
+        let device_arena = match cfg.shared_device {
+            Some(_) => cfg.arena_bytes,
+            None => usize::try_from(cfg.device.budget).unwrap_or(usize::MAX),
+        };
+        let shared_device = cfg.shared_device.clone();
         let faulty = |b: Box<dyn ArenaBackend>| -> Box<dyn ArenaBackend> {
             match &cfg.device.alloc_faults {
                 Some(f) => Box::new(FaultyArenas { inner: b, faults: f.clone() }),
@@ -252,7 +273,7 @@ impl Tiers {
         let (device, device_kind) = match (&cuda, cfg.device.choice) {
             (_, DeviceChoice::None) => (None, None),
             (Some(c), _) => (
-                Some(Pool::new(Tier::Device, cfg.device.budget, device_arena, faulty(Box::new(CudaArenas(c.clone()))))),
+                Some(Pool::new(Tier::Device, cfg.device.budget, device_arena, shared_device, faulty(Box::new(CudaArenas(c.clone()))))),
                 Some(DeviceKind::Cuda),
             ),
             (None, _) => (
@@ -260,6 +281,7 @@ impl Tiers {
                     Tier::Device,
                     cfg.device.budget,
                     device_arena,
+                    shared_device,
                     faulty(Box::new(HostArenas::new(Tier::Device, align, Vec::new()))),
                 )),
                 Some(DeviceKind::Simulated),
@@ -267,7 +289,7 @@ impl Tiers {
         };
         let nvme_pool = nvme.as_ref().map(|n| {
             let budget = cfg.nvme.as_ref().map_or(0, |c| c.budget);
-            Pool::new(Tier::Nvme, budget, cfg.arena_bytes, Box::new(NvmeArenas(n.clone())))
+            Pool::new(Tier::Nvme, budget, cfg.arena_bytes, None, Box::new(NvmeArenas(n.clone())))
         });
         let bw = cfg.device.sim_bytes_per_s;
         let movers = Arc::new(Movers {
@@ -369,7 +391,12 @@ impl Tiers {
 
     /// Gives back every arena of every tier that has no slot in use; returns the bytes freed.
     pub fn shrink(&self) -> u64 {
-        Tier::ALL.iter().filter_map(|t| self.pool(*t)).map(|p| p.shrink()).sum()
+        Tier::ALL.iter().map(|&t| self.shrink_tier(t)).sum()
+    }
+
+    /// Gives back every arena of `tier` that has no slot in use; returns the bytes freed.
+    pub fn shrink_tier(&self, tier: Tier) -> u64 {
+        self.pool(tier).map_or(0, |p| p.shrink())
     }
 
     /// Path of the swap file behind an NVMe slot (for diagnostics and tests).

@@ -27,6 +27,7 @@ use super::naive::check_shape;
 use super::{frozen_error, plan, Engine, MemoryReport, ModelSpec, StepStats, TrainOpts};
 use crate::bridge::{chunk_view, view_mut, view_on};
 pub use super::footprint::{human, Footprint};
+use super::turns::Turns;
 use crate::error::{HarnessError, Result};
 use crate::model::{block, embed, head, init_tensor, HeadKind, KvCache};
 use crate::optim::{adamw_, sq_norm};
@@ -50,6 +51,9 @@ pub struct ChunkedOpts {
     /// the device next to one unit's gradients (no recompute, the naive strategy's activation
     /// memory); false: always recompute in the backward pass (one unit's activations).
     pub keep_graph: bool,
+    /// Device and host budgets shared with other models, taken in turns (see `Turns`); the
+    /// tier budgets above are then the shared totals.
+    pub turns: Option<Turns>,
 }
 
 impl Default for ChunkedOpts {
@@ -63,6 +67,7 @@ impl Default for ChunkedOpts {
             pipeline_update: true,
             adam_threads: None,
             keep_graph: true,
+            turns: None,
         }
     }
 }
@@ -86,7 +91,9 @@ pub struct Chunked {
     spec: ModelSpec,
     opts: TrainOpts,
     copts: ChunkedOpts,
-    mgr: Manager,
+    mgr: std::sync::Arc<Manager>,
+    /// This model's member id in `copts.turns`.
+    turn: Option<usize>,
     /// The group of trainable tensors (every role), if any.
     train: Option<usize>,
     /// The group of frozen tensors (parameters only: a LoRA base, an inference-only model).
@@ -139,8 +146,12 @@ impl Chunked {
                 step: (max_numel / 16).max(1),
             },
         };
+        let mut tiers = copts.tiers.clone();
+        if let Some(t) = &copts.turns {
+            tiers = tiers.with_shared(Some(t.device.clone()), Some(t.host.clone()));
+        }
         let cfg = ManagerConfig {
-            tiers: copts.tiers.clone(),
+            tiers,
             policy: copts.policy,
             chunk_size,
             prefetch_depth: copts.prefetch_depth,
@@ -168,7 +179,7 @@ impl Chunked {
         let frozen_name = if train.is_some() { format!("{}.frozen", spec.cfg.name) } else { spec.cfg.name.clone() };
         let frozen = make_group(&mut b, frozen_name, &[(Role::Param, opts.dtype)], false);
         let tids: Vec<TensorId> = tids.into_iter().map(|t| t.expect("every tensor is in a group")).collect();
-        let mgr = b.build()?;
+        let mgr = std::sync::Arc::new(b.build()?);
         let roles = if train.is_some() { roles } else { Vec::new() };
         // Where each tensor sits: (group, chunk).
         let mut chunk_of = vec![(0, 0); spec.params.len()];
@@ -242,12 +253,15 @@ impl Chunked {
             notes.push("device tier: simulated (CPU memory under the device budget); compute on the CPU".into());
         }
         let adam = CpuAdam::new(opts.adam, copts.adam_threads)?;
+        // At work it needs a unit's chunks and one chunk's optimizer set in fast memory.
+        let turn = copts.turns.as_ref().map(|t| t.join(mgr.clone(), fp.unit_max + fp.update_max, param_total, 2 * fp.largest_chunk));
         let mut me = Chunked {
             scaler: opts.scaler(),
             spec,
             opts,
             copts,
             mgr,
+            turn,
             train,
             frozen,
             group_tensors,
@@ -275,6 +289,14 @@ impl Chunked {
 
     pub fn manager(&self) -> &Manager {
         &self.mgr
+    }
+
+    /// Accesses chunks, first taking this model's turn with the budgets it shares.
+    fn access(&self, refs: &[ChunkRef], mode: Mode) -> Result<stowage_memory::Access<'_>> {
+        if let (Some(t), Some(k)) = (&self.copts.turns, self.turn) {
+            t.enter(k)?;
+        }
+        Ok(self.mgr.access(refs, mode)?)
     }
 
     /// Whether the backward pass reuses the forward pass's graphs (keep mode) instead of
@@ -372,7 +394,7 @@ impl Chunked {
         if self.has_master() {
             refs.extend(self.refs(&[c], Role::Master));
         }
-        let a = self.mgr.access(&refs, Mode::Write)?;
+        let a = self.access(&refs, Mode::Write)?;
         for (t, v) in values {
             let shape = self.spec.params[*t].shape_i64();
             for &r in refs.iter().map(|r| &r.role) {
@@ -408,7 +430,7 @@ impl Chunked {
     }
 
     fn unit_forward_at(&self, u: usize, x: &Tensor, pos: i64, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let a = self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Param), Mode::Read)?;
+        let a = self.access(&self.refs(&self.unit_chunks[u], Role::Param), Mode::Read)?;
         let out = {
             let p = self.unit_tensors[u]
                 .iter()
@@ -431,10 +453,10 @@ impl Chunked {
         let u = l + 1 - j;
         let pa = match kept {
             Some(_) => None,
-            None => Some(self.mgr.access(&self.refs(&self.unit_chunks[u], Role::Param), Mode::Read)?),
+            None => Some(self.access(&self.refs(&self.unit_chunks[u], Role::Param), Mode::Read)?),
         };
         let grad_refs = self.refs(&self.unit_chunks[u], Role::Grad);
-        let ga = if grad_refs.is_empty() { None } else { Some(self.mgr.access(&grad_refs, Mode::Write)?) };
+        let ga = if grad_refs.is_empty() { None } else { Some(self.access(&grad_refs, Mode::Write)?) };
         let (dx, loss_value) = {
             let UnitGraph { leaves, x, out } = match (kept, &pa) {
                 (Some(g), _) => g,
@@ -504,7 +526,7 @@ impl Chunked {
         // unit's graph is kept from the forward pass, so the backward pass recomputes nothing
         // (what the naive strategy does, with the same activation memory).
         let all = if self.keep_graph {
-            Some(self.mgr.access(&self.refs(&self.all_chunks(), Role::Param), Mode::Read)?)
+            Some(self.access(&self.refs(&self.all_chunks(), Role::Param), Mode::Read)?)
         } else {
             None
         };
@@ -555,7 +577,7 @@ impl Chunked {
     fn update_chunk(&self, c: usize, step: u64, mult: f32) -> Result<()> {
         let group = self.train.ok_or_else(frozen_error)?;
         let refs: Vec<ChunkRef> = self.roles.iter().map(|&(role, _)| ChunkRef { group, index: c, role }).collect();
-        let mut a = self.mgr.access(&refs, Mode::Write)?;
+        let mut a = self.access(&refs, Mode::Write)?;
         let dtype = self.opts.dtype;
         if a.cpu_addressable() {
             let mut bufs = a.chunks_bytes_mut()?.into_iter();
@@ -595,7 +617,7 @@ impl Chunked {
     fn read_role(&self, group: usize, role: Role, name: impl Fn(&str) -> String) -> Result<Vec<(usize, String, Tensor)>> {
         let mut out = Vec::with_capacity(self.tids.len());
         for c in self.group_chunks(group) {
-            let a = self.mgr.access(&self.refs(&[c], role), Mode::Read)?;
+            let a = self.access(&self.refs(&[c], role), Mode::Read)?;
             for t in self.tensors_in(c.0, c.1) {
                 let s = &self.spec.params[t];
                 let v = view_on(&a, self.tids[t], role, &s.shape_i64(), self.ordinal)?;
@@ -724,7 +746,7 @@ impl Engine for Chunked {
         let g = self.train.ok_or_else(frozen_error)?;
         for (role, suffix) in [(Role::Moment1, "exp_avg"), (Role::Moment2, "exp_avg_sq")] {
             for c in self.group_chunks(g) {
-                let a = self.mgr.access(&self.refs(&[c], role), Mode::Write)?;
+                let a = self.access(&self.refs(&[c], role), Mode::Write)?;
                 for t in self.tensors_in(c.0, c.1) {
                     let s = &self.spec.params[t];
                     let name = format!("{}.{suffix}", s.name);
@@ -763,6 +785,13 @@ impl Engine for Chunked {
 
     fn reset_trace(&self) {
         self.mgr.reset_trace();
+    }
+
+    fn claim_parameters(&mut self) -> Result<()> {
+        match (&self.copts.turns, self.turn) {
+            (Some(t), Some(k)) => t.claim(k),
+            _ => Ok(()),
+        }
     }
 
     fn set_adapters(&mut self, on: bool) -> Result<()> {

@@ -5,6 +5,7 @@
 pub mod chunked;
 mod footprint;
 pub mod naive;
+pub mod turns;
 
 use std::collections::BTreeMap;
 
@@ -171,6 +172,11 @@ pub trait Engine {
     /// Switches a LoRA model's adapters off (the model computes its frozen base alone: a PPO
     /// reference without a copy of the weights) or back on. A model without adapters refuses.
     fn set_adapters(&mut self, on: bool) -> Result<()>;
+    /// About to read the parameters many times over (generation): where budgets are shared
+    /// with other models, take room for all of them.
+    fn claim_parameters(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The error of `set_adapters` on a model without adapters.

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
 use crate::ckpt::CkptPaths;
+use crate::engine::turns::Turns;
 use crate::engine::{Engine, ModelSpec, TrainOpts};
 use crate::error::{HarnessError, Result};
 use crate::generate::{filter_logits, generate, Sampler};
@@ -145,6 +146,8 @@ pub struct Models {
     /// no second copy of the weights is held.
     pub reference: Option<Box<dyn Engine>>,
     pub reward: Box<dyn Engine>,
+    /// The budgets the chunked models take turns with, if they share them.
+    pub turns: Option<Turns>,
 }
 
 impl Models {
@@ -195,13 +198,19 @@ pub fn build_models(a: &TrainArgs, p: &PpoArgs, notes: &mut Vec<String>) -> Resu
 }
 
 /// The four models, freshly initialised, with shapes `[actor and reference, critic, reward]`.
-/// Each chunked model gets its share of the budgets (the trainable ones twice the frozen ones').
+/// Chunked models given budgets take turns with all of them (`Turns`): the one at work uses the
+/// memory the idle ones give back. With `--fixed-shares` each gets its share instead (the
+/// trainable ones twice the frozen ones').
 pub fn new_models(a: &TrainArgs, critic_lr: f32, cfgs: [&crate::model::GptConfig; 3], notes: &mut Vec<String>) -> Result<Models> {
-    let share = |frac: f64, b: Option<u64>| b.map(|x| (x as f64 * frac) as u64);
+    let take_turns = a.strategy == crate::train::Strategy::Chunked && !a.fixed_shares && (a.device_budget.is_some() || a.host_budget.is_some());
+    // A budget not given is not shared (each model takes its state's worth, as alone).
+    let turns = take_turns.then(|| Turns::new(a.device_budget.unwrap_or(u64::MAX / 4), a.host_budget.unwrap_or(u64::MAX / 4)));
+    let share = |frac: f64, b: Option<u64>| b.map(|x| if take_turns { x } else { (x as f64 * frac) as u64 });
     let args = |frac: f64| {
         let mut x = a.clone();
         x.device_budget = share(frac, a.device_budget);
         x.host_budget = share(frac, a.host_budget);
+        x.turns = turns.clone();
         x.init = None;
         x.resume = false;
         x
@@ -219,7 +228,7 @@ pub fn new_models(a: &TrainArgs, critic_lr: f32, cfgs: [&crate::model::GptConfig
     };
     let reference = if lora { None } else { Some(frozen(args(tf), actor_cfg, HeadKind::Lm, notes)?) };
     let reward = frozen(args(tf), rm_cfg, HeadKind::Score, notes)?;
-    Ok(Models { actor, critic, reference, reward })
+    Ok(Models { actor, critic, reference, reward, turns })
 }
 
 fn pad_rows(rows: &[Vec<i64>], pad: i64) -> Tensor {
@@ -513,6 +522,7 @@ mod tests {
             reference: Some(mk(HeadKind::Lm, frozen, seed)),
             critic: mk(HeadKind::Value, train, seed + 1),
             reward: mk(HeadKind::Score, frozen, seed + 2),
+            turns: None,
         };
         (m, tok)
     }

@@ -24,7 +24,7 @@ use crate::tiers::{Tiers, TiersConfig};
 use layout::{ChunkSize, DType, GroupLayout, Role};
 use policy::PolicyKind;
 use state::TensorState;
-use store::{Chunk, MoveKind, Store, Waited};
+use store::{ti, Chunk, MoveKind, Store, Waited};
 use trace::{ManagerStats, Tracer};
 
 /// Settings of a manager.
@@ -585,6 +585,112 @@ impl Manager {
             }
             g = self.wait(g, None);
         }
+    }
+
+    /// Moves every chunk off the device and, when there is an NVMe tier, out of host memory
+    /// (changed data is written down first, clean copies are dropped), then gives the emptied
+    /// arenas back. A model not in use then holds no fast memory, and managers drawing from a
+    /// [`crate::SharedBudget`] can take turns with it: the next access brings chunks back as
+    /// usual. Refused while an access is alive. Returns the bytes given back.
+    pub fn offload(&self) -> Result<u64> {
+        self.give_back(0, 0)
+    }
+
+    /// Gives memory back until this manager holds at most `device_keep` bytes of device arenas
+    /// and `host_keep` of host arenas, or nothing more can go (the host only when there is an
+    /// NVMe tier; without one it is where every chunk lives). The chunks the policy needs
+    /// furthest in the future go first; clean copies are dropped, changed data is written to
+    /// the lowest tier (from the device to NVMe through a host staging slot, so some host room
+    /// is needed: an error names the host tier when there is none). Arenas are returned as they
+    /// empty, so for a pool that shares its budget (one slot per arena) the bytes reach the
+    /// other managers at once. Refused while an access is alive. Returns the bytes given back.
+    pub fn give_back(&self, device_keep: u64, host_keep: u64) -> Result<u64> {
+        let held = |t: Tier| self.tiers.stats(t).map_or(0, |s| s.reserved);
+        let before = held(Tier::Device) + held(Tier::Host);
+        let t0 = Instant::now();
+        let mut g = self.lock();
+        if let Some(i) = g.store.chunks.iter().position(|c| c.compute) {
+            return Err(Error::InvalidState(format!("cannot release memory: chunk {:?} is being accessed", self.refs[i])));
+        }
+        // The host first: the device's write-backs to NVMe stage through it.
+        let mut levels = vec![(Tier::Device, device_keep)];
+        if self.tiers.has(Tier::Nvme) {
+            levels.insert(0, (Tier::Host, host_keep));
+        }
+        let progress = |s: &Store| {
+            let copies: usize = s.chunks.iter().map(|c| c.copies.iter().flatten().count()).sum();
+            (copies, s.chunks.iter().filter(|c| c.moving.is_some()).count())
+        };
+        for (t, keep) in levels {
+            if !self.tiers.has(t) {
+                continue;
+            }
+            loop {
+                g.store.reap();
+                if let Some(e) = g.store.evict_error.take() {
+                    return Err(e);
+                }
+                self.tiers.shrink_tier(t);
+                let moving = |s: &Store| s.chunks.iter().any(|c| c.moving.as_ref().is_some_and(|m| m.touches(t)));
+                // Write-backs from `t` still hold their source slots.
+                let leaving: u64 = g
+                    .store
+                    .chunks
+                    .iter()
+                    .filter(|c| c.moving.as_ref().is_some_and(|m| m.from == t && m.kind == MoveKind::Evict))
+                    .map(|c| c.bytes as u64)
+                    .sum();
+                if held(t).saturating_sub(leaving) <= keep {
+                    if !moving(&g.store) {
+                        break;
+                    }
+                    g = self.wait(g, None);
+                    continue;
+                }
+                let was = progress(&g.store);
+                if let Some(i) = g.store.chunks.iter().position(|c| c.copies[ti(t)].is_some() && !c.valid[ti(t)] && c.moving.is_none()) {
+                    g.store.chunks[i].copies[ti(t)] = None;
+                    continue;
+                }
+                match g.store.victim(t, &[], true) {
+                    Some(id) => {
+                        let i = g.store.by_id[&id];
+                        match g.store.evict_to(&self.tiers, i, t, &[], true) {
+                            // No room below now: wait for moves in flight, or report below.
+                            Ok(()) | Err(Error::OverBudget { .. }) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    // Only chunks in flight are left.
+                    None if g.store.chunks.iter().any(|c| c.moving.is_some()) => {}
+                    None => break,
+                }
+                if progress(&g.store) == was {
+                    if g.store.chunks.iter().all(|c| c.moving.is_none()) {
+                        // Nothing dropped, nothing in flight: the tier below has no room (from
+                        // the device to NVMe: no host staging slot, the host being held by
+                        // others sharing its budget; they must give back host memory first).
+                        let below = if t == Tier::Device { Tier::Host } else { Tier::Nvme };
+                        return Err(Error::OverBudget {
+                            tier: below,
+                            requested: held(t).saturating_sub(keep),
+                            capacity: g.store.limit(&self.tiers, below),
+                            in_use: self.tiers.stats(below).map_or(0, |s| s.used),
+                        });
+                    }
+                    g = self.wait(g, None);
+                }
+            }
+        }
+        self.tiers.shrink_tier(Tier::Device);
+        self.tiers.shrink_tier(Tier::Host);
+        let gave = before.saturating_sub(held(Tier::Device) + held(Tier::Host));
+        if let Some(tr) = g.store.tracer.as_mut() {
+            tr.span("give back", format!("gave back {gave} bytes"), t0, t0.elapsed());
+        }
+        drop(g);
+        self.cv.notify_all();
+        Ok(gave)
     }
 
     /// Which tiers hold a valid copy of `chunk` (for tests and diagnostics).

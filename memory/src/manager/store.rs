@@ -112,9 +112,9 @@ pub(crate) enum Waited {
 }
 
 impl Store {
-    /// Device bytes chunks may use.
+    /// Bytes chunks may use in `t` now (on the device: less what non-model data needs).
     pub(crate) fn limit(&self, tiers: &Tiers, t: Tier) -> u64 {
-        let cap = tiers.stats(t).map_or(0, |s| s.capacity);
+        let cap = tiers.stats(t).map_or(0, |s| s.limit);
         if t == Tier::Device {
             cap.saturating_sub(self.policy.non_model_reserve().max(self.non_model))
         } else {
@@ -290,23 +290,7 @@ impl Store {
             self.chunks[i].copies[ti(t)] = None;
             return Ok(false);
         }
-        // Pinned chunks stay unless nothing else can make the room (the bytes are free but not
-        // in one piece, or everything else is in use).
-        let mut cands = self.candidates(t, exclude, true);
-        if cands.is_empty() || used + bytes <= limit {
-            cands = self.candidates(t, exclude, false);
-        }
-        let victim = if t == Tier::Device {
-            // A policy may refuse its pinned chunks; when only those are left they go, oldest first.
-            self.policy.victim(&cands).or_else(|| cands.iter().min_by_key(|c| c.last_use).map(|c| c.id))
-        } else {
-            // Lower tiers: the same rule when the policy knows the future, else LRU.
-            cands
-                .iter()
-                .max_by_key(|c| (self.policy.next_use(c.id), std::cmp::Reverse(c.last_use)))
-                .map(|c| c.id)
-        };
-        if let Some(id) = victim {
+        if let Some(id) = self.victim(t, exclude, used + bytes <= limit) {
             self.evict(tiers, self.by_id[&id], t, exclude)?;
             return Ok(false);
         }
@@ -321,10 +305,38 @@ impl Store {
         })
     }
 
+    /// The chunk to evict from `t`: pinned chunks stay unless nothing else can go or `fragmented`
+    /// (the bytes are free but not in one piece).
+    pub(crate) fn victim(&self, t: Tier, exclude: &[usize], fragmented: bool) -> Option<ChunkId> {
+        let mut cands = self.candidates(t, exclude, true);
+        if cands.is_empty() || fragmented {
+            cands = self.candidates(t, exclude, false);
+        }
+        if t == Tier::Device {
+            // A policy may refuse its pinned chunks; when only those are left they go, oldest first.
+            self.policy.victim(&cands).or_else(|| cands.iter().min_by_key(|c| c.last_use).map(|c| c.id))
+        } else {
+            // Lower tiers: the same rule when the policy knows the future, else LRU.
+            cands
+                .iter()
+                .max_by_key(|c| (self.policy.next_use(c.id), std::cmp::Reverse(c.last_use)))
+                .map(|c| c.id)
+        }
+    }
+
     /// Removes chunk `i`'s copy from `t`: dropped if another tier holds a valid copy, else
     /// written down first.
     pub(crate) fn evict(&mut self, tiers: &Tiers, i: usize, t: Tier, exclude: &[usize]) -> Result<()> {
-        let below: Vec<Tier> = Tier::ALL.into_iter().filter(|&x| ti(x) > ti(t) && tiers.has(x)).collect();
+        self.evict_to(tiers, i, t, exclude, false)
+    }
+
+    /// `evict`; `lowest`: write changed data to the lowest tier (NVMe, through a host staging
+    /// slot) rather than the first one with room, to give memory back rather than make room.
+    pub(crate) fn evict_to(&mut self, tiers: &Tiers, i: usize, t: Tier, exclude: &[usize], lowest: bool) -> Result<()> {
+        let mut below: Vec<Tier> = Tier::ALL.into_iter().filter(|&x| ti(x) > ti(t) && tiers.has(x)).collect();
+        if lowest && below.len() > 1 {
+            below.drain(..below.len() - 1);
+        }
         let c = &mut self.chunks[i];
         if !c.valid[ti(t)] || Tier::ALL.iter().any(|&x| x != t && c.on(x)) {
             c.copies[ti(t)] = None;

@@ -8,12 +8,14 @@
 //! the bytes obtained from the system (`reserved`), so the process never holds more than the
 //! budget whatever the stats say.
 
+mod shared;
 mod slot;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub use shared::SharedBudget;
 pub use slot::Slot;
 
 use crate::error::{Error, Result};
@@ -98,6 +100,8 @@ pub(crate) struct Pool {
     tier: Tier,
     budget: u64,
     arena_target: usize,
+    /// A budget shared with other pools, charged for every arena on top of this pool's own.
+    shared: Option<SharedBudget>,
     backend: Box<dyn ArenaBackend>,
     state: Mutex<State>,
     in_flight: AtomicU64,
@@ -107,11 +111,12 @@ pub(crate) struct Pool {
 impl Pool {
     /// `arena_target` is the preferred size of one arena; a slot larger than it gets an arena of
     /// its own, and no arena exceeds what is left of the budget.
-    pub(crate) fn new(tier: Tier, budget: u64, arena_target: usize, backend: Box<dyn ArenaBackend>) -> Arc<Self> {
+    pub(crate) fn new(tier: Tier, budget: u64, arena_target: usize, shared: Option<SharedBudget>, backend: Box<dyn ArenaBackend>) -> Arc<Self> {
         Arc::new(Pool {
             tier,
             budget,
             arena_target: arena_target.max(1),
+            shared,
             backend,
             state: Mutex::new(State::default()),
             in_flight: AtomicU64::new(0),
@@ -165,11 +170,21 @@ impl Pool {
             .find_map(|(id, a)| a.as_mut().and_then(|a| a.take(len)).map(|off| (id as u32, off)))
     }
 
+    /// The most this pool may hold now: its capacity, less what other pools sharing its budget
+    /// hold.
+    fn limit(&self, st: &State) -> u64 {
+        let cap = st.capacity(self.budget);
+        match &self.shared {
+            Some(s) => cap.min(st.reserved + s.free()),
+            None => cap,
+        }
+    }
+
     fn grow(&self, st: &mut State, slot_bytes: usize) -> Result<()> {
-        let capacity = st.capacity(self.budget);
-        if capacity.saturating_sub(st.reserved) < slot_bytes as u64 {
+        if self.limit(st).saturating_sub(st.reserved) < slot_bytes as u64 {
             self.trim(st);
         }
+        let capacity = self.limit(st);
         let room = capacity.saturating_sub(st.reserved);
         if room < slot_bytes as u64 {
             return Err(Error::OverBudget {
@@ -180,8 +195,10 @@ impl Pool {
             });
         }
         // Whole slots of this size, so a pool of one slot size never fragments; the last arena
-        // takes whatever the budget has left.
-        let wanted = self.arena_target.max(slot_bytes).div_ceil(slot_bytes) as u64 * slot_bytes as u64;
+        // takes whatever the budget has left. A pool sharing its budget takes one slot per
+        // arena, so every slot it gives up can go back to the others.
+        let target = if self.shared.is_some() { slot_bytes } else { self.arena_target.max(slot_bytes) };
+        let wanted = target.div_ceil(slot_bytes) as u64 * slot_bytes as u64;
         let mut bytes = wanted.min(room) as usize;
         let id = u32::try_from(st.arenas.len())
             .map_err(|_| Error::unsupported("more than 4 billion arenas", "use larger arenas"))?;
@@ -190,6 +207,23 @@ impl Pool {
         // capacity, and the manager evicts to fit within it. When not even one slot can be
         // had, the pool's capacity drops to what it holds (later requests evict within that)
         // and the driver's error is returned: nothing is written, the caller may retry.
+        // Charge the shared budget first; another pool may have taken the room meanwhile.
+        if let Some(sh) = &self.shared {
+            if !sh.take(bytes as u64) {
+                return Err(Error::OverBudget {
+                    tier: self.tier,
+                    requested: slot_bytes as u64,
+                    capacity: self.limit(st),
+                    in_use: st.used,
+                });
+            }
+        }
+        let charged = bytes as u64;
+        let uncharge = |got: u64| {
+            if let Some(sh) = &self.shared {
+                sh.give(charged - got);
+            }
+        };
         let base = loop {
             match self.backend.alloc_arena(id, bytes) {
                 Ok(base) => {
@@ -210,13 +244,18 @@ impl Pool {
                         if st.reserved > 0 {
                             st.ceiling = Some(st.reserved);
                         }
+                        uncharge(0);
                         return Err(e);
                     }
                     bytes = half;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    uncharge(0);
+                    return Err(e);
+                }
             }
         };
+        uncharge(bytes as u64);
         st.arenas.push(Some(Arena {
             base,
             bytes,
@@ -235,6 +274,9 @@ impl Pool {
                 let a = st.arenas[id].take().expect("checked above");
                 st.reserved -= a.bytes as u64;
                 self.backend.free_arena(id as u32, a.base, a.bytes);
+                if let Some(sh) = &self.shared {
+                    sh.give(a.bytes as u64);
+                }
             }
         }
     }
@@ -245,7 +287,7 @@ impl Pool {
         let st = self.lock();
         let fits = st.arenas.iter().flatten().any(|a| a.free.values().any(|&l| l >= slot_bytes));
         let idle: u64 = st.arenas.iter().flatten().filter(|a| a.idle()).map(|a| a.bytes as u64).sum();
-        fits || st.capacity(self.budget).saturating_sub(st.reserved) + idle >= slot_bytes as u64
+        fits || self.limit(&st).saturating_sub(st.reserved) + idle >= slot_bytes as u64
     }
 
     /// Gives back every arena with no slot in use. Returns the bytes released.
@@ -281,6 +323,7 @@ impl Pool {
         let st = self.lock();
         TierStats {
             capacity: st.capacity(self.budget),
+            limit: self.limit(&st),
             used: st.used,
             peak: st.peak,
             reserved: st.reserved,
@@ -298,6 +341,9 @@ impl Drop for Pool {
         for (id, a) in st.arenas.iter_mut().enumerate() {
             if let Some(a) = a.take() {
                 self.backend.free_arena(id as u32, a.base, a.bytes);
+                if let Some(sh) = &self.shared {
+                    sh.give(a.bytes as u64);
+                }
             }
         }
     }

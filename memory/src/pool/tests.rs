@@ -35,7 +35,7 @@ fn pool(budget_slots: u64, arena_slots: usize) -> (Arc<Pool>, Arc<AtomicUsize>, 
         allocs: allocs.clone(),
         frees: frees.clone(),
     };
-    let p = Pool::new(Tier::Host, budget_slots * SLOT as u64, arena_slots * SLOT, Box::new(backend));
+    let p = Pool::new(Tier::Host, budget_slots * SLOT as u64, arena_slots * SLOT, None, Box::new(backend));
     (p, allocs, frees)
 }
 
@@ -163,4 +163,83 @@ fn staging_slots_are_counted() {
     assert_eq!(p.stats().used, SLOT as u64);
     drop(s);
     assert_eq!(p.stats().staging, 0);
+}
+
+fn shared_pool(own_slots: u64, arena_slots: usize, shared: &SharedBudget) -> Arc<Pool> {
+    let backend = HostArenas::new(Tier::Host, 4096, Vec::new());
+    Pool::new(Tier::Host, own_slots * SLOT as u64, arena_slots * SLOT, Some(shared.clone()), Box::new(backend))
+}
+
+#[test]
+fn pools_sharing_a_budget_take_turns_with_it() {
+    let shared = SharedBudget::new(4 * SLOT as u64);
+    let (a, b) = (shared_pool(4, 1, &shared), shared_pool(4, 1, &shared));
+    let held: Vec<Slot> = (0..3).map(|_| a.alloc(SLOT, false).unwrap()).collect();
+    assert_eq!(b.stats().limit, SLOT as u64, "b may grow into what a does not hold");
+    let one = b.alloc(SLOT, false).unwrap();
+    assert!(matches!(b.alloc(SLOT, false), Err(Error::OverBudget { capacity, .. }) if capacity == SLOT as u64));
+    drop(held);
+    assert!(b.alloc(SLOT, false).is_err(), "a still holds its idle arenas");
+    assert_eq!(a.shrink(), 3 * SLOT as u64);
+    let more: Vec<Slot> = (0..3).map(|_| b.alloc(SLOT, false).unwrap()).collect();
+    assert_eq!(shared.reserved(), 4 * SLOT as u64);
+    assert_eq!(b.stats().capacity, 4 * SLOT as u64, "capacity is the pool's own budget");
+    drop((one, more));
+    drop(b);
+    assert_eq!(shared.reserved(), 0, "a dropped pool gives its arenas back to the shared budget");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// Against an oracle: the shared budget's charge is the sum of the pools' reserved bytes,
+    /// never above its limit, and an allocation fails only when no pool could have made room.
+    #[test]
+    fn a_shared_budget_is_the_sum_of_its_pools(
+        steps in proptest::collection::vec((0usize..3, 1usize..3, 0u8..4, 0usize..16), 1..150),
+    ) {
+        let shared = SharedBudget::new(10 * SLOT as u64);
+        let pools: Vec<Arc<Pool>> = (0..3).map(|k| shared_pool(6 + k as u64, 2, &shared)).collect();
+        let mut live: Vec<Vec<Slot>> = vec![Vec::new(), Vec::new(), Vec::new()];
+        for (p, units, op, pick) in steps {
+            match op {
+                0 if !live[p].is_empty() => {
+                    let n = live[p].len();
+                    live[p].swap_remove(pick % n);
+                }
+                1 => {
+                    pools[p].shrink();
+                }
+                _ => {
+                    let before: u64 = pools.iter().map(|q| q.stats().reserved).sum();
+                    match pools[p].alloc(units * SLOT, false) {
+                        Ok(s) => live[p].push(s),
+                        Err(e) => {
+                            proptest::prop_assert!(matches!(e, Error::OverBudget { .. }), "{e}");
+                            let st = pools[p].stats();
+                            // Refused: neither the pool's own budget nor the shared one had room.
+                            proptest::prop_assert!(
+                                st.reserved + (units * SLOT) as u64 > st.capacity
+                                    || before + (units * SLOT) as u64 > shared.limit()
+                                    || st.reserved > st.used,
+                                "refused with room: {:?}, shared {}", st, shared.reserved()
+                            );
+                        }
+                    }
+                }
+            }
+            let sum: u64 = pools.iter().map(|q| q.stats().reserved).sum();
+            proptest::prop_assert_eq!(shared.reserved(), sum);
+            proptest::prop_assert!(sum <= shared.limit());
+            for (q, l) in pools.iter().zip(&live) {
+                let st = q.stats();
+                proptest::prop_assert_eq!(st.used, l.iter().map(|s| s.len() as u64).sum::<u64>());
+                proptest::prop_assert!(st.reserved <= st.capacity);
+                proptest::prop_assert!(st.limit <= st.capacity);
+            }
+        }
+        drop(live);
+        drop(pools);
+        proptest::prop_assert_eq!(shared.reserved(), 0);
+    }
 }

@@ -134,3 +134,37 @@ fn a_manager_cannot_take_what_another_holds_and_says_so() {
     assert_eq!(device.reserved(), 0);
     drop(b.access(&[b.chunk_of(id, Role::Param)], Mode::Read).unwrap());
 }
+
+#[test]
+fn giving_back_device_memory_needs_a_host_staging_slot_and_says_so() {
+    let dir = scratch();
+    let (device, host) = (SharedBudget::new(4 * CB), SharedBudget::new(2 * CB));
+    let a = manager(&dir.path().join("a"), 6, &device, &host, PolicyKind::Lru);
+    let b = manager(&dir.path().join("b"), 6, &device, &host, PolicyKind::Lru);
+    let write = |m: &Manager, t: usize, v: u32| {
+        let id = TensorId { group: 0, index: t };
+        let mut acc = m.access(&[m.chunk_of(id, Role::Param)], Mode::Write).unwrap();
+        acc.slice_mut::<u32>(id, Role::Param).unwrap().fill(v);
+    };
+    // a's two changed chunks live only on the device; its host holds nothing.
+    for t in 0..2 {
+        write(&a, t, 7);
+    }
+    a.give_back(u64::MAX, 0).unwrap();
+    assert_eq!(a.tiers().stats(Tier::Host).unwrap().reserved, 0);
+    // b fills the rest of the device and all of the shared host budget.
+    for t in 0..4 {
+        write(&b, t, 9);
+    }
+    b.quiesce();
+    assert_eq!(host.free(), 0);
+    let e = a.give_back(0, u64::MAX).unwrap_err();
+    assert!(matches!(e, Error::OverBudget { tier: Tier::Host, .. }), "{e}");
+    // Once b gives back host memory, a can write its chunks down, and nothing was lost.
+    b.give_back(u64::MAX, 0).unwrap();
+    a.give_back(0, 0).unwrap();
+    assert_eq!(a.tiers().stats(Tier::Device).unwrap().reserved, 0);
+    let id = TensorId { group: 0, index: 1 };
+    let r = a.access(&[a.chunk_of(id, Role::Param)], Mode::Read).unwrap();
+    assert!(r.slice::<u32>(id, Role::Param).unwrap().iter().all(|&x| x == 7));
+}

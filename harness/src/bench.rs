@@ -27,7 +27,7 @@ use crate::error::{HarnessError, Result};
 use crate::model::{GptConfig, HeadKind};
 use crate::ppo::{PpoArgs, Models};
 use crate::tokenizer::Tokenizer;
-use crate::train::{parse_size, DeviceArg, Precision, Strategy, TrainArgs};
+use crate::train::{parse_size, BudgetSplit, DeviceArg, Precision, Strategy, TrainArgs};
 
 /// The training job each run performs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -104,9 +104,9 @@ pub struct CapacityArgs {
     /// With --lora-rank: run the LoRA rows only.
     #[arg(long)]
     pub lora_only: bool,
-    /// PPO, chunked: give each model a fixed share of the budget instead of taking turns.
-    #[arg(long)]
-    pub fixed_shares: bool,
+    /// PPO, chunked: how the models divide the budget (see `stowage ppo --help`).
+    #[arg(long, value_enum, default_value_t = BudgetSplit::Auto)]
+    pub budget_split: BudgetSplit,
     /// Run nothing: redraw the table and chart from an earlier run's `--json` file (give the
     /// same --task, --budget, --batch-size, --ctx and --max-new for the table's heading).
     #[arg(long)]
@@ -287,8 +287,10 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
         // recompute) needs every parameter chunk of a trainable model on the device and the
         // naive strategy's activations: take it where both fit, else recompute.
         let dev_share = |chunks: u64| if cuda { chunks } else { chunks / 2 };
-        // PPO's models take turns with the budgets unless given fixed shares.
-        let trainable_share = if c.workload == Workload::Ppo && a.fixed_shares { 1.0 / 3.0 } else { 1.0 };
+        // PPO's models have a third of the budget each, unless they take turns with all of it.
+        let actor_params = ModelSpec::new(cfg.clone(), HeadKind::Lm).numel() * a.compute_dtype().size() as u64;
+        let fixed = !a.budget_split.turns(actor_params, c.budget.saturating_sub(base + margin));
+        let trainable_share = if c.workload == Workload::Ppo && fixed { 1.0 / 3.0 } else { 1.0 };
         let act_keep = activation_bytes(&cfg, c.workload, Strategy::Naive, a.batch_size);
         let dsize = a.compute_dtype().size() as u64;
         let block = 12 * (cfg.n_embd as u64).pow(2) + 13 * cfg.n_embd as u64;
@@ -521,9 +523,7 @@ fn run_one(a: &CapacityArgs, (strategy, lora): (Strategy, bool), model: &str, pa
     if lora {
         cmd.args(["--lora-rank", &a.lora_rank.to_string()]);
     }
-    if a.fixed_shares {
-        cmd.arg("--fixed-shares");
-    }
+    cmd.args(["--budget-split", &value_name(a.budget_split)]);
     let nvme = match (&a.nvme_dir, strategy) {
         (Some(d), Strategy::Chunked) => {
             let sub = d.join(format!("stowage-bench-{}-{tag}", std::process::id()));
@@ -861,7 +861,7 @@ mod tests {
             keep_going: false,
             lora_rank: 8,
             lora_only: false,
-            fixed_shares: false,
+            budget_split: BudgetSplit::Auto,
             from_json: None,
             quiet: true,
         };

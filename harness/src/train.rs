@@ -80,6 +80,26 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok((v * mult as f64) as u64)
 }
 
+/// How PPO's chunked models divide the budgets (`--budget-split`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BudgetSplit {
+    Auto,
+    Turns,
+    Fixed,
+}
+
+impl BudgetSplit {
+    /// Whether models take turns: `actor_param_bytes` against the actor's fixed share (a third)
+    /// of `budgets` (device and host together).
+    pub fn turns(self, actor_param_bytes: u64, budgets: u64) -> bool {
+        match self {
+            BudgetSplit::Turns => true,
+            BudgetSplit::Fixed => false,
+            BudgetSplit::Auto => actor_param_bytes > budgets / 3,
+        }
+    }
+}
+
 /// Options shared by the training commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
@@ -116,12 +136,13 @@ pub struct TrainArgs {
     /// Directory for NVMe swap files: chunks spill there past the host budget.
     #[arg(long)]
     pub nvme_dir: Option<PathBuf>,
-    /// ppo, pipeline: give each chunked model a fixed share of --device-budget and
-    /// --host-budget (a third to the actor and the critic, a sixth to the reference and the
-    /// reward model) instead of letting the model at work use all of it while the idle ones
-    /// wait on NVMe.
-    #[arg(long)]
-    pub fixed_shares: bool,
+    /// ppo, pipeline: how the chunked models divide --device-budget and --host-budget.
+    /// `fixed`: a third to the actor and to the critic, a sixth to the reference and to the
+    /// reward model; `turns`: the model at work takes room from the idle ones (the actor all it
+    /// can while generating); `auto`: turns when the actor's parameters do not fit in its
+    /// fixed share (generation would stream them once per token), else fixed.
+    #[arg(long, value_enum, default_value_t = BudgetSplit::Auto)]
+    pub budget_split: BudgetSplit,
     /// Budgets shared with other models (set by ppo, not a flag).
     #[arg(skip)]
     pub turns: Option<crate::engine::turns::Turns>,

@@ -253,8 +253,10 @@ impl Chunked {
             notes.push("device tier: simulated (CPU memory under the device budget); compute on the CPU".into());
         }
         let adam = CpuAdam::new(opts.adam, copts.adam_threads)?;
-        // At work it needs a unit's chunks and one chunk's optimizer set in fast memory.
-        let turn = copts.turns.as_ref().map(|t| t.join(mgr.clone(), fp.unit_max + fp.update_max, param_total, 2 * fp.largest_chunk));
+        // At work it needs a unit's chunks and one chunk's optimizer set on the device; in keep
+        // mode every parameter chunk too (the forward pass holds them all).
+        let working = fp.unit_max + fp.update_max + if keep_graph { param_total } else { 0 };
+        let turn = copts.turns.as_ref().map(|t| t.join(mgr.clone(), working, param_total, 2 * fp.largest_chunk));
         let mut me = Chunked {
             scaler: opts.scaler(),
             spec,

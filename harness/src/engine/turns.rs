@@ -53,6 +53,16 @@ impl std::fmt::Debug for Inner {
     }
 }
 
+/// Whether a give-back went ahead: a model in the middle of an access (another thread) keeps
+/// its memory this time; other errors are real.
+fn gave(r: std::result::Result<u64, stowage_memory::Error>) -> Result<bool> {
+    match r {
+        Ok(_) => Ok(true),
+        Err(stowage_memory::Error::InvalidState(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn held(m: &Manager, t: Tier) -> u64 {
     m.tiers().stats(t).map_or(0, |s| s.reserved)
 }
@@ -141,8 +151,7 @@ impl Turns {
             }
             let m = &g.members[j].mgr;
             let hh = held(m, Tier::Host);
-            if hh > 0 && m.tiers().has(Tier::Nvme) {
-                m.give_back(u64::MAX, hh.saturating_sub(host))?;
+            if hh > 0 && m.tiers().has(Tier::Nvme) && gave(m.give_back(u64::MAX, hh.saturating_sub(host)))? {
                 released += 1;
             }
         }
@@ -153,8 +162,7 @@ impl Turns {
             }
             let m = &g.members[j].mgr;
             let hd = held(m, Tier::Device);
-            if hd > 0 {
-                m.give_back(hd.saturating_sub(dev), u64::MAX)?;
+            if hd > 0 && gave(m.give_back(hd.saturating_sub(dev), u64::MAX))? {
                 released += 1;
             }
         }

@@ -198,11 +198,13 @@ pub fn build_models(a: &TrainArgs, p: &PpoArgs, notes: &mut Vec<String>) -> Resu
 }
 
 /// The four models, freshly initialised, with shapes `[actor and reference, critic, reward]`.
-/// Chunked models given budgets take turns with all of them (`Turns`): the one at work uses the
-/// memory the idle ones give back. With `--fixed-shares` each gets its share instead (the
-/// trainable ones twice the frozen ones').
+/// Chunked models given budgets divide them as `--budget-split` says: taking turns with all of
+/// them (`Turns`: the one at work uses the memory the idle ones give back), or each its fixed
+/// share (the trainable ones twice the frozen ones').
 pub fn new_models(a: &TrainArgs, critic_lr: f32, cfgs: [&crate::model::GptConfig; 3], notes: &mut Vec<String>) -> Result<Models> {
-    let take_turns = a.strategy == crate::train::Strategy::Chunked && !a.fixed_shares && (a.device_budget.is_some() || a.host_budget.is_some());
+    let given = a.device_budget.unwrap_or(0) + a.host_budget.unwrap_or(0);
+    let actor_params = ModelSpec::new(cfgs[0].clone(), HeadKind::Lm).numel() * a.compute_dtype().size() as u64;
+    let take_turns = a.strategy == crate::train::Strategy::Chunked && given > 0 && a.budget_split.turns(actor_params, given);
     // A budget not given is not shared (each model takes its state's worth, as alone).
     let turns = take_turns.then(|| Turns::new(a.device_budget.unwrap_or(u64::MAX / 4), a.host_budget.unwrap_or(u64::MAX / 4)));
     let share = |frac: f64, b: Option<u64>| b.map(|x| if take_turns { x } else { (x as f64 * frac) as u64 });

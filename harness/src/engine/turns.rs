@@ -162,7 +162,26 @@ impl Turns {
             }
             let m = &g.members[j].mgr;
             let hd = held(m, Tier::Device);
-            if hd > 0 && gave(m.give_back(hd.saturating_sub(dev), u64::MAX))? {
+            if hd == 0 {
+                continue;
+            }
+            // Its write-backs to NVMe stage through a host slot: free one if none is (the
+            // entering model's own host memory last).
+            let slot = g.members[j].staging / 2;
+            if m.tiers().has(Tier::Nvme) && self.host.free() < slot {
+                for &i in order.iter().filter(|&&i| i != j).chain(std::iter::once(&k)) {
+                    let free = self.host.free();
+                    let o = &g.members[i].mgr;
+                    let hh = held(o, Tier::Host);
+                    if free >= slot {
+                        break;
+                    }
+                    if hh > 0 && o.tiers().has(Tier::Nvme) && gave(o.give_back(u64::MAX, hh.saturating_sub(slot - free)))? {
+                        released += 1;
+                    }
+                }
+            }
+            if gave(m.give_back(hd.saturating_sub(dev), u64::MAX))? {
                 released += 1;
             }
         }

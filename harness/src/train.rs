@@ -204,6 +204,12 @@ pub struct TrainArgs {
     /// device keeps the forward pass's graphs instead, as the naive strategy does.
     #[arg(long)]
     pub recompute: bool,
+    /// Chunked strategy: finish each optimizer update before the step returns. By default an
+    /// update that needs the global gradient norm (clipping, loss scaling) runs after the
+    /// backward pass in the background, while other work (another model's turn) computes;
+    /// the numbers are the same either way.
+    #[arg(long)]
+    pub update_in_place: bool,
     /// Train low-rank adapters of this rank on every block's linears (attention and MLP) over
     /// frozen base weights, whose chunks are read-only (no gradients, masters or moments; they
     /// may stream from NVMe). A scalar head (reward model, critic) trains in full. 0: train
@@ -323,6 +329,7 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
                 chunk_elems: a.chunk_elems,
                 trace: a.trace.is_some(),
                 keep_graph: !a.recompute,
+                defer_update: !a.update_in_place,
                 turns: a.turns.clone(),
                 ..ChunkedOpts::default()
             };

@@ -187,6 +187,9 @@ fn ppo_models_taking_turns_with_the_budgets_train_as_with_fixed_shares() {
     let (turns, a) = ppo("turns", &["--budget-split", "turns"]);
     let (fixed, b) = ppo("fixed", &["--budget-split", "fixed"]);
     assert!(turns["memory"]["budget_turns"]["releases"].as_u64().unwrap() > 0, "no model gave memory back: {turns}");
+    // Actor and critic updated in the background (clipping: after their backward passes) while
+    // the next model took its turn.
+    assert!(turns["memory"]["budget_turns"]["background_updates"].as_u64().unwrap() > 0, "no update ran in the background: {turns}");
     assert!(fixed["memory"].get("budget_turns").is_none(), "{fixed}");
     // The actor's parameters fit in a third of the budgets: auto keeps fixed shares.
     let (auto, _) = ppo("auto", &[]);

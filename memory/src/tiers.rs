@@ -389,6 +389,17 @@ impl Tiers {
         self.pool(tier).map(|p| p.stats())
     }
 
+    /// Sets aside `bytes` of `tier` for this configuration's pool alone while it works next to
+    /// others sharing its budget ([`crate::SharedBudget`]): what it holds counts towards them,
+    /// the shared budget is charged for all of them at once (so the others cannot take what it
+    /// gives back meanwhile), and it reserves no more (the manager evicts within them). False,
+    /// changing nothing, when the shared budget has not the room. None ends the lease, returning
+    /// what the pool does not hold. Without a shared budget it only caps the pool.
+    /// [`TierStats::limit`] shows the lease.
+    pub fn lease(&self, tier: Tier, bytes: Option<u64>) -> bool {
+        self.pool(tier).is_none_or(|p| p.lease(bytes))
+    }
+
     /// Gives back every arena of every tier that has no slot in use; returns the bytes freed.
     pub fn shrink(&self) -> u64 {
         Tier::ALL.iter().map(|&t| self.shrink_tier(t)).sum()

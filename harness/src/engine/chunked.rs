@@ -10,7 +10,11 @@
 //! update runs per chunk: the memory crate's CPU AdamW where the chunks are CPU-addressable,
 //! libtorch ops over device views otherwise. Without clipping or loss scaling, a chunk's update
 //! starts on a second thread as soon as its gradients are final, overlapping the rest of the
-//! backward pass.
+//! backward pass. With them, the update needs the global norm, so it runs after the backward
+//! pass; where it streams state from NVMe or to a GPU, in the background: `step` returns once
+//! the norm is known and another model (the critic after the actor in PPO) computes while this
+//! one's optimizer state streams; this model's next use waits for it. Either way the arithmetic
+//! is the same as updating in place.
 //!
 //! Keep mode: when every parameter chunk fits on the device next to one unit's gradients (a
 //! model that would fit without offloading), the forward pass holds them all and keeps each
@@ -45,6 +49,10 @@ pub struct ChunkedOpts {
     /// Overlap chunk updates with the backward pass when no global quantity (clipping norm,
     /// loss-scale overflow) must be known first.
     pub pipeline_update: bool,
+    /// Run an update that must follow the backward pass in the background (the model's next
+    /// use waits for it) instead of before `step` returns, where it streams state from NVMe or
+    /// to a GPU.
+    pub defer_update: bool,
     /// CPU AdamW threads (None: one per core).
     pub adam_threads: Option<usize>,
     /// Keep each unit's autograd graph from the forward pass when every parameter chunk fits on
@@ -65,6 +73,7 @@ impl Default for ChunkedOpts {
             prefetch_depth: 64,
             trace: false,
             pipeline_update: true,
+            defer_update: true,
             adam_threads: None,
             keep_graph: true,
             turns: None,
@@ -78,6 +87,84 @@ fn f32s(b: &mut [u8]) -> Result<&mut [f32]> {
 
 fn u16s(b: &mut [u8]) -> Result<&mut [u16]> {
     bytemuck::try_cast_slice_mut(b).map_err(|e| HarnessError::Config(format!("chunk is not 16-bit: {e}")))
+}
+
+/// What a chunk's optimizer update needs, shared with the thread that runs it in the
+/// background.
+struct Updater {
+    mgr: std::sync::Arc<Manager>,
+    /// The trainable group, if any.
+    group: Option<usize>,
+    roles: Vec<(Role, DType)>,
+    dtype: DType,
+    adam: CpuAdam,
+    device: Device,
+    ordinal: usize,
+}
+
+impl Updater {
+    /// Every role of chunk `c`.
+    fn refs(&self, c: usize) -> Result<Vec<ChunkRef>> {
+        let group = self.group.ok_or_else(frozen_error)?;
+        Ok(self.roles.iter().map(|&(role, _)| ChunkRef { group, index: c, role }).collect())
+    }
+
+    /// Updates the chunk set accessed in `a` (every role of one chunk, in `roles` order).
+    fn apply(&self, mut a: stowage_memory::Access<'_>, step: u64, mult: f32, cfg: &stowage_memory::optim::AdamConfig) -> Result<()> {
+        let dtype = self.dtype;
+        if a.cpu_addressable() {
+            let mut bufs = a.chunks_bytes_mut()?.into_iter();
+            let mut next = || bufs.next().ok_or_else(|| HarnessError::Config("optimizer chunk set is incomplete".into()));
+            let (p, g) = (next()?, next()?);
+            if dtype == DType::F32 {
+                let (m, v) = (next()?, next()?);
+                self.adam.update_with(cfg, step, mult, f32s(p)?, f32s(m)?, f32s(v)?, Grads::F32(f32s(g)?), ParamsOut::None)?;
+            } else {
+                let (master, m, v) = (next()?, next()?, next()?);
+                let (g, out) = if dtype == DType::BF16 {
+                    (Grads::BF16(u16s(g)?), ParamsOut::BF16(u16s(p)?))
+                } else {
+                    (Grads::F16(u16s(g)?), ParamsOut::F16(u16s(p)?))
+                };
+                self.adam.update_with(cfg, step, mult, f32s(master)?, f32s(m)?, f32s(v)?, g, out)?;
+            }
+        } else {
+            let s = StepScalars::new(cfg, step, mult);
+            let views: Vec<Tensor> = self.roles.iter().enumerate().map(|(k, &(_, d))| chunk_view(&a, k, d, self.ordinal).shallow_clone()).collect();
+            let (mut p, g) = (views[0].shallow_clone(), views[1].shallow_clone());
+            if dtype == DType::F32 {
+                let (mut m, mut v) = (views[2].shallow_clone(), views[3].shallow_clone());
+                adamw_(&mut p, &mut m, &mut v, &g, None, &s);
+            } else {
+                let (mut master, mut m, mut v) = (views[2].shallow_clone(), views[3].shallow_clone(), views[4].shallow_clone());
+                adamw_(&mut master, &mut m, &mut v, &g, Some(&mut p), &s);
+            }
+            drop(views);
+            if let Device::Cuda(i) = self.device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The update running in the background, and the error of one that failed.
+#[derive(Default)]
+struct Background {
+    running: Option<std::thread::JoinHandle<Result<()>>>,
+    failed: Option<String>,
+}
+
+/// Lifts a model's background standing with the budgets it shares when its update ends (or
+/// its thread unwinds).
+struct Done(Option<(Turns, usize)>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Some((t, k)) = &self.0 {
+            t.done(*k);
+        }
+    }
 }
 
 /// A unit's forward pass with autograd: tracked parameter leaves, the input leaf, the output.
@@ -113,13 +200,16 @@ pub struct Chunked {
     /// Per backward position: the trainable group's chunks whose gradients are all final
     /// after it.
     chunks_final: Vec<Vec<usize>>,
-    adam: CpuAdam,
+    up: std::sync::Arc<Updater>,
+    background: std::sync::Mutex<Background>,
     step: u64,
     scaler: Option<LossScaler>,
     device: Device,
     ordinal: usize,
     footprint: Footprint,
     pipelined: bool,
+    /// Run updates that follow the backward pass in the background (see `ChunkedOpts`).
+    deferred: bool,
     /// Keep each unit's graph from the forward pass instead of recomputing it (every parameter
     /// chunk fits on the device with a unit's gradients).
     keep_graph: bool,
@@ -239,6 +329,13 @@ impl Chunked {
         // mode holds them all.
         let pipelined = !keep_graph && copts.pipeline_update && opts.max_norm.is_none() && opts.dtype != DType::F16 && fp.unit_max + fp.update_max <= device_budget;
 
+        // An update left running in the background pays where it waits on transfers that other
+        // work can hide: state streaming from NVMe (the shared budgets of models taking turns
+        // put it there), or over PCIe to a GPU. One in CPU memory alone would compete with
+        // that work for the same cores.
+        let nvme = t.nvme.is_some();
+        let cuda = mgr.tiers().device_kind() == Some(stowage_memory::DeviceKind::Cuda);
+        let deferred = copts.defer_update && !pipelined && ((nvme && (copts.turns.is_some() || fp.total > device_budget.saturating_add(t.host_budget))) || (cuda && fp.total > device_budget));
         let device = match mgr.tiers().device_kind() {
             Some(stowage_memory::DeviceKind::Cuda) => Device::Cuda(t.device.ordinal),
             _ => Device::Cpu,
@@ -256,7 +353,9 @@ impl Chunked {
         // At work it needs a unit's chunks and one chunk's optimizer set on the device; in keep
         // mode every parameter chunk too (the forward pass holds them all).
         let working = fp.unit_max + fp.update_max + if keep_graph { param_total } else { 0 };
-        let turn = copts.turns.as_ref().map(|t| t.join(mgr.clone(), working, param_total, 2 * fp.largest_chunk));
+        // In the background (the update) it needs one chunk's optimizer set and the next's.
+        let turn = copts.turns.as_ref().map(|t| t.join(mgr.clone(), working, param_total, 2 * fp.largest_chunk, 2 * fp.update_max));
+        let (mgr_up, roles_up, opts_dtype) = (mgr.clone(), roles.clone(), opts.dtype);
         let mut me = Chunked {
             scaler: opts.scaler(),
             spec,
@@ -274,12 +373,22 @@ impl Chunked {
             first_write,
             final_at,
             chunks_final,
-            adam,
+            up: std::sync::Arc::new(Updater {
+                mgr: mgr_up,
+                group: train,
+                roles: roles_up,
+                dtype: opts_dtype,
+                adam,
+                device,
+                ordinal: t.device.ordinal,
+            }),
+            background: Default::default(),
             step: 0,
             device,
             ordinal: t.device.ordinal,
             footprint: fp,
             pipelined,
+            deferred,
             keep_graph,
             adapters_on: true,
             notes,
@@ -295,10 +404,66 @@ impl Chunked {
 
     /// Accesses chunks, first taking this model's turn with the budgets it shares.
     fn access(&self, refs: &[ChunkRef], mode: Mode) -> Result<stowage_memory::Access<'_>> {
+        self.settle()?;
         if let (Some(t), Some(k)) = (&self.copts.turns, self.turn) {
             t.enter(k)?;
         }
         Ok(self.mgr.access(refs, mode)?)
+    }
+
+    /// Waits for the update running in the background, if any. Its error is returned here,
+    /// and a note that the state is partly updated by every later call.
+    fn settle(&self) -> Result<()> {
+        let mut b = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = b.running.take() {
+            let r = h.join().unwrap_or_else(|_| Err(HarnessError::Config("the background optimizer update panicked".into())));
+            if let Err(e) = r {
+                b.failed = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        match &b.failed {
+            Some(e) => Err(HarnessError::Config(format!(
+                "an earlier optimizer update failed ({e}), leaving the model's state partly updated: restart from the last checkpoint"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether an update was left running in the background and not yet waited for.
+    pub fn updating_in_background(&self) -> bool {
+        self.background.lock().unwrap_or_else(|e| e.into_inner()).running.is_some()
+    }
+
+    /// Starts the update of the chunks in `order` on a background thread. False when it must
+    /// run now instead: the budgets this model shares cannot hold its working set next to
+    /// another model's.
+    fn launch(&self, order: Vec<usize>, step: u64, mult: f32) -> Result<bool> {
+        let done = match (&self.copts.turns, self.turn) {
+            (Some(t), Some(k)) => {
+                if !t.background(k)? {
+                    return Ok(false);
+                }
+                Done(Some((t.clone(), k)))
+            }
+            _ => Done(None),
+        };
+        let up = self.up.clone();
+        let cfg = self.opts.adam;
+        let h = std::thread::Builder::new()
+            .name("stowage-update".into())
+            .spawn(move || -> Result<()> {
+                let _done = done;
+                let r = order.iter().try_for_each(|&c| {
+                    let a = up.mgr.access(&up.refs(c)?, Mode::Write)?;
+                    up.apply(a, step, mult, &cfg)
+                });
+                up.mgr.end_iteration();
+                r
+            })
+            .map_err(|e| HarnessError::Config(format!("starting the optimizer update's thread: {e}")))?;
+        self.background.lock().unwrap_or_else(|e| e.into_inner()).running = Some(h);
+        Ok(true)
     }
 
     /// Whether the backward pass reuses the forward pass's graphs (keep mode) instead of
@@ -577,41 +742,8 @@ impl Chunked {
 
     /// Updates chunk `c` (every role of it at once on the device).
     fn update_chunk(&self, c: usize, step: u64, mult: f32) -> Result<()> {
-        let group = self.train.ok_or_else(frozen_error)?;
-        let refs: Vec<ChunkRef> = self.roles.iter().map(|&(role, _)| ChunkRef { group, index: c, role }).collect();
-        let mut a = self.access(&refs, Mode::Write)?;
-        let dtype = self.opts.dtype;
-        if a.cpu_addressable() {
-            let mut bufs = a.chunks_bytes_mut()?.into_iter();
-            let mut next = || bufs.next().ok_or_else(|| HarnessError::Config("optimizer chunk set is incomplete".into()));
-            let (p, g) = (next()?, next()?);
-            if dtype == DType::F32 {
-                let (m, v) = (next()?, next()?);
-                self.adam.update(step, mult, f32s(p)?, f32s(m)?, f32s(v)?, Grads::F32(f32s(g)?), ParamsOut::None)?;
-            } else {
-                let (master, m, v) = (next()?, next()?, next()?);
-                let (g, out) = if dtype == DType::BF16 {
-                    (Grads::BF16(u16s(g)?), ParamsOut::BF16(u16s(p)?))
-                } else {
-                    (Grads::F16(u16s(g)?), ParamsOut::F16(u16s(p)?))
-                };
-                self.adam.update(step, mult, f32s(master)?, f32s(m)?, f32s(v)?, g, out)?;
-            }
-        } else {
-            let s = StepScalars::new(&self.opts.adam, step, mult);
-            let views: Vec<Tensor> = self.roles.iter().enumerate().map(|(k, &(_, d))| chunk_view(&a, k, d, self.ordinal).shallow_clone()).collect();
-            let (mut p, g) = (views[0].shallow_clone(), views[1].shallow_clone());
-            if dtype == DType::F32 {
-                let (mut m, mut v) = (views[2].shallow_clone(), views[3].shallow_clone());
-                adamw_(&mut p, &mut m, &mut v, &g, None, &s);
-            } else {
-                let (mut master, mut m, mut v) = (views[2].shallow_clone(), views[3].shallow_clone(), views[4].shallow_clone());
-                adamw_(&mut master, &mut m, &mut v, &g, Some(&mut p), &s);
-            }
-            drop(views);
-            self.sync();
-        }
-        Ok(())
+        let a = self.access(&self.up.refs(c)?, Mode::Write)?;
+        self.up.apply(a, step, mult, &self.opts.adam)
     }
 
     /// Copies the tensors of `group` out of their `role` chunks to the CPU as fp32, with their
@@ -693,18 +825,26 @@ impl Engine for Chunked {
         }
         let (mult, grad_norm) = plan(sq, self.scaler.as_mut(), self.opts.max_norm);
         let skipped = mult.is_none();
+        let stats = StepStats {
+            loss: loss_value,
+            grad_norm,
+            skipped,
+        };
         if let Some(mult) = mult {
             self.step = step;
+            if self.deferred && self.launch(self.update_order(), step, mult)? {
+                return Ok(stats);
+            }
             for c in self.update_order() {
                 self.update_chunk(c, step, mult)?;
             }
         }
         self.mgr.end_iteration();
-        Ok(StepStats {
-            loss: loss_value,
-            grad_norm,
-            skipped,
-        })
+        Ok(stats)
+    }
+
+    fn settle(&self) -> Result<()> {
+        Chunked::settle(self)
     }
 
     fn export(&mut self) -> Result<Vec<(String, Tensor)>> {
@@ -765,6 +905,9 @@ impl Engine for Chunked {
     }
 
     fn memory(&self) -> MemoryReport {
+        // The figures include the update running in the background; its error, if any, comes
+        // with the model's next call.
+        let _ = Chunked::settle(self);
         let st = self.mgr.stats();
         MemoryReport {
             device_peak_bytes: st.tiers.get("device").map_or(0, |t| t.peak),
@@ -782,6 +925,7 @@ impl Engine for Chunked {
     }
 
     fn trace(&self) -> Option<serde_json::Value> {
+        let _ = Chunked::settle(self);
         self.mgr.chrome_trace()
     }
 
@@ -790,6 +934,7 @@ impl Engine for Chunked {
     }
 
     fn claim_parameters(&mut self) -> Result<()> {
+        Chunked::settle(self)?;
         match (&self.copts.turns, self.turn) {
             (Some(t), Some(k)) => t.claim(k),
             _ => Ok(()),
@@ -814,7 +959,6 @@ impl Engine for Chunked {
 
     fn set_lr(&mut self, lr: f32) {
         self.opts.adam.lr = lr;
-        self.adam.cfg.lr = lr;
     }
 
     fn notes(&self) -> Vec<String> {
@@ -827,8 +971,21 @@ impl Engine for Chunked {
             self.footprint.per_role.iter().map(|(k, v)| format!("{k} {}", human(*v))).collect::<Vec<_>>().join(", "),
             self.copts.policy.name(),
             if self.keep_graph { "from the forward pass's graph (parameters all on the device)" } else { "recomputes each unit" },
-            if self.pipelined { "overlapped with backward" } else { "after backward (needs the global norm)" }
+            match (self.pipelined, self.deferred) {
+                (true, _) => "overlapped with backward",
+                (false, true) => "after backward (needs the global norm), in the background",
+                (false, false) => "after backward (needs the global norm)",
+            }
         ));
         n
+    }
+}
+
+impl Drop for Chunked {
+    fn drop(&mut self) {
+        // An update still running in the background holds the manager: wait for it.
+        if let Err(e) = Chunked::settle(self) {
+            log::warn!("chunked model dropped after its optimizer update failed: {e}");
+        }
     }
 }

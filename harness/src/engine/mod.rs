@@ -142,6 +142,11 @@ pub trait Engine {
     fn forward_cached(&mut self, ids: &Tensor, cache: &mut [KvCache], pos: i64) -> Result<Tensor>;
     /// One optimisation step on `loss(head output)`.
     fn step(&mut self, ids: &Tensor, loss: &dyn Fn(&Tensor) -> Tensor) -> Result<StepStats>;
+    /// Waits for work `step` left running in the background (the chunked strategy's optimizer
+    /// update); every other call waits for it too. Its error, if it failed.
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
     /// Every parameter as a CPU fp32 tensor, by HF name, in spec order.
     fn export(&mut self) -> Result<Vec<(String, Tensor)>>;
     /// Sets parameters from CPU tensors (missing names keep their values; the caller checks

@@ -277,3 +277,54 @@ fn fp16_chunked_training_learns_with_loss_scaling() {
     let skipped = s.iter().filter(|s| s.skipped).count();
     assert!(skipped < 20, "{skipped} of {} steps skipped", s.len());
 }
+
+/// An update left running in the background (with clipping it needs the global norm, so it
+/// runs after the backward pass) trains exactly as one finished before `step` returns: the same
+/// parameters bit for bit, chunks streaming through NVMe, in bf16 (16-bit parameters written
+/// from the masters) and fp32.
+#[test]
+fn background_updates_train_exactly_as_updates_in_place() {
+    let dir = tempfile::Builder::new().prefix("stowage-defer").tempdir_in(std::env::var("STOWAGE_SCRATCH").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
+    let cfg = GptConfig::parse("3x64x4", 61, 16).unwrap();
+    let spec = ModelSpec::new(cfg, HeadKind::Lm);
+    let state = spec.numel() * 16;
+    let data = batches(61, 6);
+    for dtype in [DType::F32, DType::BF16] {
+        let run = |defer: bool| {
+            let opts = TrainOpts {
+                dtype,
+                adam: stowage_memory::optim::AdamConfig { lr: 3e-3, ..Default::default() },
+                max_norm: Some(1.0),
+                ..TrainOpts::default()
+            };
+            let copts = ChunkedOpts {
+                tiers: TiersConfig::default().with_device(DeviceChoice::Simulated, state / 2).with_host_budget(state / 4).with_nvme(NvmeConfig::new(dir.path())),
+                chunk_elems: Some(16 * 1024),
+                keep_graph: false,
+                defer_update: defer,
+                ..ChunkedOpts::default()
+            };
+            let mut m = Chunked::new(spec.clone(), opts, copts, 3).unwrap();
+            let mut background = 0;
+            let mut losses = Vec::new();
+            for (i, (x, y)) in data.iter().enumerate() {
+                // A learning-rate change between steps applies from the next step on, not to an
+                // update still running.
+                m.set_lr(3e-3 / (i + 1) as f32);
+                losses.push(m.step(x, &|o: &Tensor| lm_loss(o, y)).unwrap().loss);
+                background += m.updating_in_background() as usize;
+            }
+            (m.export().unwrap(), losses, background, m.memory().bytes_moved)
+        };
+        let (a, la, bg_a, moved) = run(false);
+        let (b, lb, bg_b, _) = run(true);
+        assert_eq!(bg_a, 0, "{dtype:?}: in place means no background update");
+        assert_eq!(bg_b, data.len(), "{dtype:?}: every update ran in the background");
+        assert!(moved.iter().any(|(k, &v)| k.ends_with("->nvme") && v > 0), "{dtype:?}: chunks should reach NVMe: {moved:?}");
+        assert_eq!(la, lb, "{dtype:?}: losses");
+        for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            assert!(ta.equal(tb), "{dtype:?} {na}: parameters differ");
+        }
+    }
+}

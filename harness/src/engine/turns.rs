@@ -32,7 +32,13 @@ struct Member {
     params: u64,
     /// Host bytes its moves to and from NVMe stage through.
     staging: u64,
+    /// Device bytes it needs working in the background (its update: one chunk's optimizer set
+    /// and the next one's).
+    sweep: u64,
     last_turn: u64,
+    /// Working in the background (see [`Turns::background`]): its pools hold leases of `sweep`
+    /// and `staging`, and the others' turns leave its memory alone.
+    busy: bool,
 }
 
 #[derive(Default)]
@@ -43,6 +49,8 @@ struct Inner {
     /// Members in the order they took turns (the latest few hundred).
     history: Vec<usize>,
     releases: u64,
+    /// Updates run in the background while others took turns.
+    backgrounds: u64,
 }
 
 const HISTORY: usize = 256;
@@ -94,10 +102,19 @@ impl Turns {
 
     /// Registers a model's manager: `want`, the bytes it needs in fast memory while at work;
     /// `params`, the bytes of its parameter chunks; `staging`, the host bytes its NVMe moves
-    /// stage through. Returns its member id.
-    pub fn join(&self, mgr: Arc<Manager>, want: u64, params: u64, staging: u64) -> usize {
+    /// stage through; `sweep`, the device bytes it needs working in the background. Returns its
+    /// member id.
+    pub fn join(&self, mgr: Arc<Manager>, want: u64, params: u64, staging: u64, sweep: u64) -> usize {
         let mut g = self.lock();
-        g.members.push(Member { mgr, want, params, staging, last_turn: 0 });
+        g.members.push(Member {
+            mgr,
+            want,
+            params,
+            staging,
+            sweep,
+            last_turn: 0,
+            busy: false,
+        });
         g.members.len() - 1
     }
 
@@ -123,11 +140,77 @@ impl Turns {
         self.make_room(&mut g, k, want)
     }
 
+    /// Member `k` goes on working in the background (its optimizer update) while the others
+    /// take turns: it gives back memory down to what that needs (`sweep` bytes of the device,
+    /// its staging of the host) and keeps exactly that, leased
+    /// from the shared budgets, until [`Turns::done`]; the others' turns leave it alone. Returns
+    /// false, changing nothing, when the budgets cannot hold its working set next to the
+    /// largest of the others' (then it should finish its work first), or without NVMe to give
+    /// back to.
+    pub fn background(&self, k: usize) -> Result<bool> {
+        let mut g = self.lock();
+        let me = &g.members[k];
+        if !me.mgr.tiers().has(Tier::Nvme) {
+            return Ok(false);
+        }
+        // Busy members hold their working sets; the largest idle one must fit beside them.
+        let (mut dev, mut host) = (me.sweep, me.staging);
+        let (mut idle_dev, mut idle_host) = (0, 0);
+        for (_, m) in g.members.iter().enumerate().filter(|&(j, _)| j != k) {
+            if m.busy {
+                dev += m.sweep;
+                host += m.staging;
+            } else {
+                idle_dev = idle_dev.max(m.want);
+                idle_host = idle_host.max(m.staging);
+            }
+        }
+        if dev + idle_dev > self.device.limit() || host + idle_host > self.host.limit() {
+            return Ok(false);
+        }
+        // Room for its working set (from the idle ones), and no more than that.
+        let sweep = me.sweep;
+        self.make_room(&mut g, k, sweep)?;
+        let me = &g.members[k];
+        if !gave(me.mgr.give_back(me.sweep, me.staging))? {
+            return Ok(false);
+        }
+        let tiers = me.mgr.tiers();
+        if !tiers.lease(Tier::Device, Some(me.sweep)) {
+            return Ok(false);
+        }
+        if !tiers.lease(Tier::Host, Some(me.staging)) {
+            tiers.lease(Tier::Device, None);
+            return Ok(false);
+        }
+        g.members[k].busy = true;
+        g.backgrounds += 1;
+        if g.current == Some(k) {
+            g.current = None;
+        }
+        Ok(true)
+    }
+
+    /// Member `k`'s background work is over: its leases end (what it does not hold goes back to
+    /// the shared budgets).
+    pub fn done(&self, k: usize) {
+        let mut g = self.lock();
+        let m = &mut g.members[k];
+        if m.busy {
+            m.mgr.tiers().lease(Tier::Device, None);
+            m.mgr.tiers().lease(Tier::Host, None);
+            m.busy = false;
+        }
+    }
+
     fn make_room(&self, g: &mut Inner, k: usize, want: u64) -> Result<()> {
         g.clock += 1;
         let now = g.clock;
         g.members[k].last_turn = now;
-        let order = order(&g.history, &g.members.iter().map(|m| m.last_turn).collect::<Vec<_>>(), k);
+        let order: Vec<usize> = order(&g.history, &g.members.iter().map(|m| m.last_turn).collect::<Vec<_>>(), k)
+            .into_iter()
+            .filter(|&j| !g.members[j].busy)
+            .collect();
         if g.current != Some(k) {
             g.history.push(k);
             if g.history.len() > HISTORY {
@@ -137,13 +220,15 @@ impl Turns {
         }
         let me = &g.members[k];
         let nvme = me.mgr.tiers().has(Tier::Nvme);
-        let want_dev = want.min(self.device.limit());
-        let want_host = if nvme { (want - want_dev + me.staging).min(self.host.limit()) } else { 0 };
+        // Busy members' leases are not `k`'s to take.
+        let (dev_leased, host_leased): (u64, u64) = g.members.iter().filter(|m| m.busy).map(|m| (m.sweep, m.staging)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let want_dev = want.min(self.device.limit().saturating_sub(dev_leased));
+        let want_host = if nvme { (want - want_dev + me.staging).min(self.host.limit().saturating_sub(host_leased)) } else { 0 };
         let short = |t: Tier, want: u64, b: &SharedBudget| want.saturating_sub(b.free() + held(&me.mgr, t));
         let mut released = 0;
         // Host memory first: the others' device write-backs to NVMe stage through it, so it
-        // must have room for that too.
-        let host_need = if nvme { want_host.max(me.staging) } else { 0 };
+        // must have room for that too (`want_host` includes `k`'s staging).
+        let host_need = want_host;
         for &j in &order {
             let host = short(Tier::Host, host_need, &self.host);
             if host == 0 {
@@ -193,6 +278,11 @@ impl Turns {
     pub fn releases(&self) -> u64 {
         self.lock().releases
     }
+
+    /// How many times a model worked in the background next to the others' turns.
+    pub fn backgrounds(&self) -> u64 {
+        self.lock().backgrounds
+    }
 }
 
 #[cfg(test)]
@@ -203,11 +293,20 @@ mod tests {
     const CB: u64 = 4096 * 4;
 
     fn member(turns: &Turns, tensors: usize) -> (Arc<Manager>, usize) {
-        let tiers = TiersConfig::default()
+        member_on(turns, tensors, None, tensors as u64 * CB, 0)
+    }
+
+    /// A member with `tensors` one-chunk tensors, NVMe under `nvme` if given, needing `want`
+    /// bytes at work and `staging` host bytes for its NVMe moves.
+    fn member_on(turns: &Turns, tensors: usize, nvme: Option<&std::path::Path>, want: u64, staging: u64) -> (Arc<Manager>, usize) {
+        let mut tiers = TiersConfig::default()
             .with_device(DeviceChoice::Simulated, turns.device.limit())
             .with_host_budget(turns.host.limit())
             .with_arena_bytes(CB as usize)
             .with_shared(Some(turns.device.clone()), Some(turns.host.clone()));
+        if let Some(d) = nvme {
+            tiers = tiers.with_nvme(stowage_memory::NvmeConfig::new(d));
+        }
         let cfg = ManagerConfig {
             tiers,
             policy: PolicyKind::Auto,
@@ -221,8 +320,81 @@ mod tests {
             b.tensor(g, &format!("t{i}"), &[4096]);
         }
         let m = Arc::new(b.build().unwrap());
-        let k = turns.join(m.clone(), tensors as u64 * CB, 0, 0);
+        let k = turns.join(m.clone(), want, 0, staging, want);
         (m, k)
+    }
+
+    fn scratch() -> tempfile::TempDir {
+        let base = std::env::var("STOWAGE_SCRATCH").unwrap_or_else(|_| "/var/tmp".into());
+        tempfile::Builder::new().prefix("stowage-turns").tempdir_in(base).unwrap()
+    }
+
+    /// Writes `tag + index` into every chunk of `m`, taking `k`'s turn first.
+    fn fill(turns: &Turns, k: usize, m: &Manager, n: usize, tag: f32) {
+        for index in 0..n {
+            fill_one(turns, k, m, index, tag);
+        }
+    }
+
+    fn fill_one(turns: &Turns, k: usize, m: &Manager, index: usize, tag: f32) {
+        turns.enter(k).unwrap();
+        let t = TensorId { group: 0, index };
+        let mut a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Write).unwrap();
+        a.slice_mut::<f32>(t, Role::Param).unwrap().fill(tag + index as f32);
+    }
+
+    fn check(m: &Manager, n: usize, tag: f32) {
+        for index in 0..n {
+            let t = TensorId { group: 0, index };
+            let a = m.access(&[m.chunk_of(t, Role::Param)], Mode::Read).unwrap();
+            assert!(a.slice::<f32>(t, Role::Param).unwrap().iter().all(|&x| x == tag + index as f32), "chunk {index} lost its data");
+        }
+    }
+
+    #[test]
+    fn a_model_working_in_the_background_keeps_its_working_set_and_grows_no_further() {
+        let dir = scratch();
+        let turns = Turns::new(6 * CB, 6 * CB);
+        let (a, ka) = member_on(&turns, 6, Some(dir.path()), 2 * CB, 2 * CB);
+        let (b, kb) = member_on(&turns, 6, Some(dir.path()), 2 * CB, 2 * CB);
+        fill(&turns, ka, &a, 6, 10.0);
+        let limit = |m: &Manager, t: Tier| m.tiers().stats(t).unwrap().limit;
+        assert!(turns.background(ka).unwrap(), "two working sets of 2 chunks fit in 6");
+        assert!(held(&a, Tier::Device) <= 2 * CB && held(&a, Tier::Host) <= 2 * CB, "a gave back down to its working set");
+        assert_eq!((limit(&a, Tier::Device), limit(&a, Tier::Host)), (2 * CB, 2 * CB), "and keeps that much, no more");
+        // b works meanwhile, a's accesses interleaving (as from the thread of a's update): b
+        // takes everything but a's lease, and a reads and writes within it.
+        let before = turns.releases();
+        for index in 0..6 {
+            fill_one(&turns, kb, &b, index, 20.0);
+            let t = TensorId { group: 0, index };
+            let mut x = a.access(&[a.chunk_of(t, Role::Param)], Mode::Write).unwrap();
+            let s = x.slice_mut::<f32>(t, Role::Param).unwrap();
+            assert!(s.iter().all(|&v| v == 10.0 + index as f32), "a's chunk {index}");
+            s.fill(10.0 + index as f32);
+        }
+        check(&b, 6, 20.0);
+        assert_eq!(turns.releases(), before, "b's turns took nothing from a");
+        check(&a, 6, 10.0);
+        assert!(held(&a, Tier::Device) <= 2 * CB, "a's work stayed within its lease");
+        b.offload().unwrap();
+        assert_eq!(limit(&a, Tier::Device), 2 * CB, "leased while busy, however much is free");
+        turns.done(ka);
+        assert_eq!(limit(&a, Tier::Device), 6 * CB, "done ends the lease");
+        turns.enter(ka).unwrap();
+        check(&a, 6, 10.0);
+        turns.enter(kb).unwrap();
+        check(&b, 6, 20.0);
+
+        // Working sets that cannot sit side by side: the update runs in the foreground.
+        let small = Turns::new(3 * CB, 6 * CB);
+        let (c, kc) = member_on(&small, 2, Some(dir.path()), 2 * CB, CB);
+        let _d = member_on(&small, 2, Some(dir.path()), 2 * CB, CB);
+        fill(&small, kc, &c, 2, 1.0);
+        let held_before = held(&c, Tier::Device);
+        assert!(!small.background(kc).unwrap(), "2 + 2 chunks do not fit in 3");
+        assert_eq!(held(&c, Tier::Device), held_before, "a refusal changes nothing");
+        assert!(limit(&c, Tier::Device) > 2 * CB);
     }
 
     fn touch_all(m: &Manager, n: usize) {

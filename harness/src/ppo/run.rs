@@ -375,7 +375,7 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     mem["device_peak_bytes"] = json!(dev_peak);
     if let Some(t) = &m.turns {
         // How often a model gave memory back for another (budgets shared, not split).
-        mem["budget_turns"] = json!({"releases": t.releases()});
+        mem["budget_turns"] = json!({"releases": t.releases(), "background_updates": t.backgrounds()});
     }
     mem["transfer_hidden_share"] = json!(crate::train::write_trace(a, &m.named(), &run)?);
     update_report(&a.out, "ppo", section.clone(), mem)?;

@@ -114,6 +114,13 @@ impl CpuAdam {
     /// from 1.
     #[allow(clippy::too_many_arguments)]
     pub fn update(&self, step: u64, grad_mult: f32, master: &mut [f32], m: &mut [f32], v: &mut [f32], g: Grads<'_>, out: ParamsOut<'_>) -> Result<()> {
+        self.update_with(&self.cfg, step, grad_mult, master, m, v, g, out)
+    }
+
+    /// [`CpuAdam::update`] with the hyperparameters `cfg` instead of `self.cfg` (a step that
+    /// runs in the background keeps the learning rate it was issued with).
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_with(&self, cfg: &AdamConfig, step: u64, grad_mult: f32, master: &mut [f32], m: &mut [f32], v: &mut [f32], g: Grads<'_>, out: ParamsOut<'_>) -> Result<()> {
         let n = master.len();
         let out_len = match &out {
             ParamsOut::None => n,
@@ -128,7 +135,7 @@ impl CpuAdam {
                 g.len()
             )));
         }
-        let s = StepScalars::new(&self.cfg, step, grad_mult);
+        let s = StepScalars::new(cfg, step, grad_mult);
         let isa = self.isa;
         let task = task_len(n, self.threads());
         let run = |p: &mut [f32], m: &mut [f32], v: &mut [f32], k: usize, mut o: ParamsOut<'_>| {

@@ -86,6 +86,9 @@ struct State {
     /// Set when the backend refused memory the budget allowed (a driver out of memory): the
     /// most this pool can hold from then on, which the manager's eviction works within.
     ceiling: Option<u64>,
+    /// Set by [`Pool::lease`]: bytes set aside for this pool alone, charged to the shared
+    /// budget in full whatever it holds, and the most it may reserve meanwhile.
+    lease: Option<u64>,
 }
 
 impl State {
@@ -174,9 +177,10 @@ impl Pool {
     /// hold.
     fn limit(&self, st: &State) -> u64 {
         let cap = st.capacity(self.budget);
-        match &self.shared {
-            Some(s) => cap.min(st.reserved + s.free()),
-            None => cap,
+        match (&self.shared, st.lease) {
+            (_, Some(l)) => cap.min(l),
+            (Some(s), None) => cap.min(st.reserved + s.free()),
+            (None, None) => cap,
         }
     }
 
@@ -207,8 +211,10 @@ impl Pool {
         // capacity, and the manager evicts to fit within it. When not even one slot can be
         // had, the pool's capacity drops to what it holds (later requests evict within that)
         // and the driver's error is returned: nothing is written, the caller may retry.
-        // Charge the shared budget first; another pool may have taken the room meanwhile.
-        if let Some(sh) = &self.shared {
+        // Charge the shared budget first; another pool may have taken the room meanwhile. A
+        // leased pool's room is charged already.
+        let shared = self.shared.as_ref().filter(|_| st.lease.is_none());
+        if let Some(sh) = shared {
             if !sh.take(bytes as u64) {
                 return Err(Error::OverBudget {
                     tier: self.tier,
@@ -220,7 +226,7 @@ impl Pool {
         }
         let charged = bytes as u64;
         let uncharge = |got: u64| {
-            if let Some(sh) = &self.shared {
+            if let Some(sh) = shared {
                 sh.give(charged - got);
             }
         };
@@ -274,7 +280,8 @@ impl Pool {
                 let a = st.arenas[id].take().expect("checked above");
                 st.reserved -= a.bytes as u64;
                 self.backend.free_arena(id as u32, a.base, a.bytes);
-                if let Some(sh) = &self.shared {
+                // A leased pool's bytes go back to its lease.
+                if let Some(sh) = self.shared.as_ref().filter(|_| st.lease.is_none()) {
                     sh.give(a.bytes as u64);
                 }
             }
@@ -288,6 +295,38 @@ impl Pool {
         let fits = st.arenas.iter().flatten().any(|a| a.free.values().any(|&l| l >= slot_bytes));
         let idle: u64 = st.arenas.iter().flatten().filter(|a| a.idle()).map(|a| a.bytes as u64).sum();
         fits || self.limit(&st).saturating_sub(st.reserved) + idle >= slot_bytes as u64
+    }
+
+    /// Sets aside `bytes` for this pool alone (what it holds counts towards them): the shared
+    /// budget is charged for all of them at once, so other pools cannot take the room the pool
+    /// gives back meanwhile, and the pool reserves no more than that. False, changing nothing,
+    /// when the shared budget has not the room. None ends the lease, returning what the pool
+    /// does not hold. A pool without a shared budget is only capped.
+    pub(crate) fn lease(&self, bytes: Option<u64>) -> bool {
+        let mut st = self.lock();
+        let unused = st.lease.map_or(0, |l| l.saturating_sub(st.reserved));
+        match bytes {
+            Some(b) => {
+                let total = b.max(st.reserved);
+                let extra = total - st.reserved;
+                if let Some(sh) = &self.shared {
+                    if extra > unused && !sh.take(extra - unused) {
+                        return false;
+                    }
+                    if unused > extra {
+                        sh.give(unused - extra);
+                    }
+                }
+                st.lease = Some(total);
+            }
+            None => {
+                if let Some(sh) = &self.shared {
+                    sh.give(unused);
+                }
+                st.lease = None;
+            }
+        }
+        true
     }
 
     /// Gives back every arena with no slot in use. Returns the bytes released.
@@ -338,6 +377,9 @@ impl Drop for Pool {
     fn drop(&mut self) {
         // Every slot holds an Arc to the pool, so none is left: give every arena back.
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let (Some(sh), Some(l)) = (&self.shared, st.lease) {
+            sh.give(l.saturating_sub(st.reserved));
+        }
         for (id, a) in st.arenas.iter_mut().enumerate() {
             if let Some(a) = a.take() {
                 self.backend.free_arena(id as u32, a.base, a.bytes);

@@ -243,3 +243,38 @@ proptest::proptest! {
         proptest::prop_assert_eq!(shared.reserved(), 0);
     }
 }
+
+#[test]
+fn a_lease_keeps_room_for_its_pool_alone() {
+    let shared = SharedBudget::new(6 * SLOT as u64);
+    let mk = || Pool::new(Tier::Host, 6 * SLOT as u64, SLOT, Some(shared.clone()), Box::new(HostArenas::new(Tier::Host, 4096, Vec::new())));
+    let (a, b) = (mk(), mk());
+    let held: Vec<Slot> = (0..3).map(|_| a.alloc(SLOT, false).unwrap()).collect();
+    assert!(a.lease(Some(4 * SLOT as u64)));
+    assert_eq!(shared.reserved(), 4 * SLOT as u64, "the lease is charged in full: 3 held, 1 set aside");
+    assert_eq!(a.stats().limit, 4 * SLOT as u64);
+    // b takes everything else; a's room stays.
+    let bs: Vec<Slot> = (0..2).map(|_| b.alloc(SLOT, false).unwrap()).collect();
+    assert!(matches!(b.alloc(SLOT, false), Err(Error::OverBudget { .. })), "b cannot take a's lease");
+    // a gives arenas back (a different slot size needs them): they stay a's.
+    drop(held);
+    assert_eq!(a.shrink(), 3 * SLOT as u64);
+    assert_eq!(shared.reserved(), 6 * SLOT as u64, "trimmed arenas return to the lease, not the budget");
+    assert!(matches!(b.alloc(SLOT, false), Err(Error::OverBudget { .. })));
+    let big = a.alloc(2 * SLOT, false).expect("a's lease has room for a larger slot");
+    let more: Vec<Slot> = (0..2).map(|_| a.alloc(SLOT, false).unwrap()).collect();
+    assert!(matches!(a.alloc(SLOT, false), Err(Error::OverBudget { .. })), "no more than the lease");
+    drop((big, more));
+    assert!(a.lease(None));
+    assert_eq!(shared.reserved(), 4 * SLOT as u64 + 2 * SLOT as u64, "ending the lease returns only what a does not hold");
+    assert_eq!(a.shrink(), 4 * SLOT as u64);
+    assert_eq!(shared.reserved(), 2 * SLOT as u64);
+    // A lease the budget cannot hold is refused and changes nothing.
+    assert!(!a.lease(Some(5 * SLOT as u64)));
+    assert_eq!((shared.reserved(), a.stats().limit), (2 * SLOT as u64, 4 * SLOT as u64));
+    drop(bs);
+    drop(b);
+    assert!(a.lease(Some(5 * SLOT as u64)));
+    drop(a);
+    assert_eq!(shared.reserved(), 0, "a dropped pool returns its lease");
+}

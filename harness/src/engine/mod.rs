@@ -6,6 +6,7 @@ pub mod chunked;
 mod footprint;
 pub mod naive;
 pub mod turns;
+mod update;
 
 use std::collections::BTreeMap;
 

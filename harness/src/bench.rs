@@ -338,7 +338,7 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
         tokens = step(&mut job, c, &a, &tok, s, &mut norm, &mut rng, &mut windows)?;
         if s + 1 == a.steps {
             // The last step's time includes the updates it left running in the background
-            // (earlier steps' overlap the next step's work).
+            // (an earlier step's run on under the next step's work).
             for e in job.engines() {
                 e.settle()?;
             }

@@ -205,9 +205,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub recompute: bool,
     /// Chunked strategy: finish each optimizer update before the step returns. By default an
-    /// update that needs the global gradient norm (clipping, loss scaling) runs after the
-    /// backward pass in the background, while other work (another model's turn) computes;
-    /// the numbers are the same either way.
+    /// update that needs the global gradient norm (clipping, loss scaling) and streams state
+    /// from NVMe or to a GPU runs after the backward pass in the background, while other work
+    /// (another model's turn) computes; the numbers are the same either way.
     #[arg(long)]
     pub update_in_place: bool,
     /// Train low-rank adapters of this rank on every block's linears (attention and MLP) over

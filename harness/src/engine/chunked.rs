@@ -270,7 +270,15 @@ impl Chunked {
         let working = fp.unit_max + fp.update_max + if keep_graph { param_total } else { 0 };
         // In the background (the update) it needs one chunk's optimizer set and the next's.
         let turn = copts.turns.as_ref().map(|t| t.join(mgr.clone(), working, param_total, 2 * fp.largest_chunk, 2 * fp.update_max));
-        let (mgr_up, roles_up, opts_dtype) = (mgr.clone(), roles.clone(), opts.dtype);
+        let up = std::sync::Arc::new(Updater {
+            mgr: mgr.clone(),
+            group: train,
+            roles: roles.clone(),
+            dtype: opts.dtype,
+            adam,
+            device,
+            ordinal: t.device.ordinal,
+        });
         let mut me = Chunked {
             scaler: opts.scaler(),
             spec,
@@ -288,15 +296,7 @@ impl Chunked {
             first_write,
             final_at,
             chunks_final,
-            up: std::sync::Arc::new(Updater {
-                mgr: mgr_up,
-                group: train,
-                roles: roles_up,
-                dtype: opts_dtype,
-                adam,
-                device,
-                ordinal: t.device.ordinal,
-            }),
+            up,
             background: Default::default(),
             step: 0,
             device,

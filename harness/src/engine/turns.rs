@@ -142,11 +142,10 @@ impl Turns {
 
     /// Member `k` goes on working in the background (its optimizer update) while the others
     /// take turns: it gives back memory down to what that needs (`sweep` bytes of the device,
-    /// its staging of the host) and keeps exactly that, leased
-    /// from the shared budgets, until [`Turns::done`]; the others' turns leave it alone. Returns
-    /// false, changing nothing, when the budgets cannot hold its working set next to the
-    /// largest of the others' (then it should finish its work first), or without NVMe to give
-    /// back to.
+    /// its staging of the host) and keeps exactly that, leased from the shared budgets, until
+    /// [`Turns::done`]; the others' turns leave it alone. Returns false (it should then finish
+    /// its work first, as its turn) without NVMe to give back to, when the budgets cannot hold
+    /// its working set next to the largest of the others', or when the lease cannot be had.
     pub fn background(&self, k: usize) -> Result<bool> {
         let mut g = self.lock();
         let me = &g.members[k];
@@ -156,7 +155,10 @@ impl Turns {
         // Busy members hold their working sets; the largest idle one must fit beside them.
         let (mut dev, mut host) = (me.sweep, me.staging);
         let (mut idle_dev, mut idle_host) = (0, 0);
-        for (_, m) in g.members.iter().enumerate().filter(|&(j, _)| j != k) {
+        for (j, m) in g.members.iter().enumerate() {
+            if j == k {
+                continue;
+            }
             if m.busy {
                 dev += m.sweep;
                 host += m.staging;
@@ -228,9 +230,8 @@ impl Turns {
         let mut released = 0;
         // Host memory first: the others' device write-backs to NVMe stage through it, so it
         // must have room for that too (`want_host` includes `k`'s staging).
-        let host_need = want_host;
         for &j in &order {
-            let host = short(Tier::Host, host_need, &self.host);
+            let host = short(Tier::Host, want_host, &self.host);
             if host == 0 {
                 break;
             }

@@ -150,6 +150,9 @@ pub struct RunRecord {
     pub bytes_moved: Value,
     /// Share of chunk-transfer time hidden under compute (chunked runs with transfers).
     pub transfer_hidden_share: Option<f64>,
+    /// The same in the steady state: the steps after the first, less what the last one leaves
+    /// running after it (a longer run would overlap it with its next step).
+    pub steady_hidden_share: Option<f64>,
     /// PPO: transfer seconds and hidden share per phase (experience, update).
     pub hidden_by_phase: Value,
     pub budget_bytes: u64,
@@ -333,10 +336,17 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
     // PPO phases in the trace's time base: experience (generation and the four models'
     // forward passes) and update.
     let mut windows: Vec<(&'static str, f64, f64)> = Vec::new();
+    // The steady state, in the same time base: from the second step on (the first, with one),
+    // to the end of the last step's own work.
+    let mut steady = (0.0, 0.0);
     for s in 0..a.steps {
+        if s == 1.min(a.steps - 1) {
+            steady.0 = stowage_memory::manager::trace::now_us();
+        }
         let t0 = Instant::now();
         tokens = step(&mut job, c, &a, &tok, s, &mut norm, &mut rng, &mut windows)?;
         if s + 1 == a.steps {
+            steady.1 = stowage_memory::manager::trace::now_us();
             // The last step's time includes the updates it left running in the background
             // (an earlier step's run on under the next step's work).
             for e in job.engines() {
@@ -363,6 +373,7 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
         Job::One(e) => vec![(c.workload.name(), e.as_ref())],
     };
     let mut phases = serde_json::Map::new();
+    let mut steady_share = None;
     let hidden = match (crate::train::merged_trace(&named), &a.trace) {
         (Some((t, o)), Some(path)) => {
             let events = t["traceEvents"].as_array().cloned().unwrap_or_default();
@@ -375,6 +386,7 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
                     phases.insert(phase.into(), json!({"transfer_s": sum.transfer_us / 1e6, "hidden_share": sum.share()}));
                 }
             }
+            steady_share = crate::train::trace_overlap(&events, steady.0, steady.1).share();
             std::fs::create_dir_all(&a.out).map_err(|e| HarnessError::io("creating", &a.out, e))?;
             crate::ckpt::write_atomic(path, &serde_json::to_vec(&t).map_err(|e| HarnessError::Config(e.to_string()))?)?;
             o.share()
@@ -401,6 +413,7 @@ pub fn run_child(c: &RunArgs) -> Result<Value> {
         "flops_per_s": step_flops(c.workload, params, &tokens) / step_s.max(1e-12),
         "bytes_moved": moved,
         "transfer_hidden_share": hidden,
+        "steady_hidden_share": steady_share,
         "hidden_by_phase": phases,
         "notes": notes,
     });
@@ -594,6 +607,7 @@ fn run_one(a: &CapacityArgs, (strategy, lora): (Strategy, bool), model: &str, pa
             rec.flops_per_s = r["flops_per_s"].as_f64();
             rec.bytes_moved = r["bytes_moved"].clone();
             rec.transfer_hidden_share = r["transfer_hidden_share"].as_f64();
+            rec.steady_hidden_share = r["steady_hidden_share"].as_f64();
             rec.hidden_by_phase = r["hidden_by_phase"].clone();
             rec.fits = rec.peak_bytes <= a.budget;
             if !rec.fits {
@@ -716,6 +730,7 @@ impl RunRecord {
             flops_per_s: None,
             bytes_moved: json!({}),
             transfer_hidden_share: None,
+            steady_hidden_share: None,
             hidden_by_phase: json!({}),
             budget_bytes: a.budget,
             wall_s: 0.0,
@@ -748,14 +763,14 @@ pub fn table(a: &CapacityArgs, runs: &[RunRecord]) -> String {
         if a.task == Workload::Ppo { format!(" ({} generated)", a.max_new) } else { String::new() },
         a.dtype
     );
-    let _ = writeln!(s, "| strategy | model | params | fits | peak | step s | tokens/s | GFLOP/s | moved | hidden | note |");
-    let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "| strategy | model | params | fits | peak | step s | tokens/s | GFLOP/s | moved | hidden | steady | note |");
+    let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in runs {
         let moved: u64 = r.bytes_moved.as_object().map_or(0, |o| o.values().filter_map(Value::as_u64).sum());
         let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1}M | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.1}M | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.strategy,
             r.model,
             r.params as f64 / 1e6,
@@ -766,10 +781,11 @@ pub fn table(a: &CapacityArgs, runs: &[RunRecord]) -> String {
             f(r.flops_per_s.map(|x| x / 1e9), 1),
             if moved > 0 { human(moved) } else { "-".into() },
             r.transfer_hidden_share.map_or("-".into(), |h| format!("{:.0}%", 100.0 * h)),
+            r.steady_hidden_share.map_or("-".into(), |h| format!("{:.0}%", 100.0 * h)),
             r.reason.clone().unwrap_or_default().replace('|', "/")
         );
     }
-    let _ = writeln!(s, "\n{}; moved: bytes over every link (device, host, NVMe), initialisation and all steps; hidden: share of transfer time under compute (chunk transfers against compute spans, from the run's timeline).\n", flops_formula(a.task));
+    let _ = writeln!(s, "\n{}; moved: bytes over every link (device, host, NVMe), initialisation and all steps; hidden: share of transfer time under compute (the time each link has a chunk move in flight, against the compute spans of the run's timeline), over all steps; steady: the same from the second step on, less what the last step leaves running after it (a longer run overlaps that with its next step).\n", flops_formula(a.task));
     for suffix in ["", "+lora"] {
         let (nn, cn) = (format!("naive{suffix}"), format!("chunked{suffix}"));
         let (n, c) = (capacity(runs, &nn), capacity(runs, &cn));
@@ -820,6 +836,7 @@ mod tests {
             flops_per_s: None,
             bytes_moved: json!({"nvme->device": 1 << 20}),
             transfer_hidden_share: fits.then_some(0.9),
+            steady_hidden_share: fits.then_some(0.95),
             hidden_by_phase: json!({}),
             budget_bytes: 1 << 30,
             wall_s: 1.0,

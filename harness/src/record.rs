@@ -34,14 +34,23 @@ pub fn merged_trace(engines: &[(&str, &dyn Engine)]) -> Option<(Value, stowage_m
 }
 
 /// The overlap of the transfers that start in `[from_us, to_us)` with every compute span, over
-/// Chrome-trace `events` (`cat` "compute" or "transfer"; times in the shared trace time base).
+/// Chrome-trace `events` (`cat` "compute" or "transfer"; times in the shared trace time base;
+/// a transfer's link is its track's name, every model's moves over a link counted together).
 pub fn trace_overlap(events: &[Value], from_us: f64, to_us: f64) -> stowage_memory::manager::trace::Overlap {
     let span = |e: &Value| -> Option<(f64, f64)> {
         let ts = e["ts"].as_f64()?;
         Some((ts, ts + e["dur"].as_f64()?))
     };
+    let track = |e: &Value| (e["pid"].as_u64().unwrap_or(0), e["tid"].as_u64().unwrap_or(0));
+    let names: std::collections::HashMap<(u64, u64), &str> =
+        events.iter().filter(|e| e["ph"] == "M" && e["name"] == "thread_name").filter_map(|e| Some((track(e), e["args"]["name"].as_str()?))).collect();
     let compute: Vec<(f64, f64)> = events.iter().filter(|e| e["cat"] == "compute").filter_map(span).collect();
-    let transfers: Vec<(f64, f64)> = events.iter().filter(|e| e["cat"] == "transfer").filter_map(span).filter(|s| s.0 >= from_us && s.0 < to_us).collect();
+    let transfers = events
+        .iter()
+        .filter(|e| e["cat"] == "transfer")
+        .filter_map(|e| Some((names.get(&track(e)).copied().unwrap_or("?"), span(e)?)))
+        .filter(|(_, s)| s.0 >= from_us && s.0 < to_us)
+        .map(|(l, (a, b))| (l, a, b));
     stowage_memory::manager::trace::overlap_of(compute, transfers)
 }
 
@@ -161,5 +170,48 @@ impl Run {
 pub fn draw_charts(dir: &Path) {
     if let Err(e) = crate::plot::plot_run(dir) {
         eprintln!("warning: charts not drawn: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two models' merged events: metadata naming each track, compute and transfer spans.
+    fn events() -> Vec<Value> {
+        let meta = |pid: u64, tid: u64, name: &str| json!({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}});
+        let span = |pid: u64, tid: u64, cat: &str, ts: f64, dur: f64| json!({"name": "x", "cat": cat, "ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur});
+        vec![
+            meta(1, 0, "compute"),
+            meta(1, 5, "nvme->device"),
+            meta(2, 0, "compute"),
+            meta(2, 3, "nvme->device"),
+            meta(2, 4, "host->nvme"),
+            // Model 1 computes [100, 200), model 2 [300, 400).
+            span(1, 0, "compute", 100.0, 100.0),
+            span(2, 0, "compute", 300.0, 100.0),
+            // Both models read over nvme->device at once, [150, 250) and [180, 260): the link is
+            // busy [150, 260), 50 of it under compute.
+            span(1, 5, "transfer", 150.0, 100.0),
+            span(2, 3, "transfer", 180.0, 80.0),
+            // Another link, later: [350, 450), 50 under compute.
+            span(2, 4, "transfer", 350.0, 100.0),
+            // A stall is no transfer.
+            span(2, 3, "stall", 0.0, 1000.0),
+        ]
+    }
+
+    #[test]
+    fn transfer_time_is_the_time_each_link_is_busy_and_windows_take_the_moves_starting_in_them() {
+        let ev = events();
+        let all = trace_overlap(&ev, f64::MIN, f64::MAX);
+        assert!((all.transfer_us - 210.0).abs() < 1e-9, "{all:?}");
+        assert!((all.hidden_us - 100.0).abs() < 1e-9, "{all:?}");
+        // A window (a phase, the steady state) counts the moves that start in it, whole.
+        let first = trace_overlap(&ev, 0.0, 300.0);
+        assert!((first.transfer_us - 110.0).abs() < 1e-9 && (first.hidden_us - 50.0).abs() < 1e-9, "{first:?}");
+        let second = trace_overlap(&ev, 300.0, 1000.0);
+        assert!((second.transfer_us - 100.0).abs() < 1e-9 && (second.hidden_us - 50.0).abs() < 1e-9, "{second:?}");
+        assert_eq!(trace_overlap(&ev, 500.0, 600.0).share(), None, "no moves, no share");
     }
 }

@@ -597,6 +597,7 @@ pub(crate) fn train_loop(a: &TrainArgs, e: &mut dyn Engine, tok: &Tokenizer, run
 /// and the charts.
 pub(crate) fn finish_stage(a: &TrainArgs, e: &dyn Engine, run: &Run, name: &str, key: &str, loss: f64, metric: Option<f64>) -> Result<Value> {
     let section = json!({"final_loss": loss, key: metric.unwrap_or(0.0), "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(), "strategy": format!("{:?}", a.strategy).to_lowercase(), "model": e.spec().cfg.name, "params": e.spec().numel(), "trainable_params": e.spec().trainable_numel()});
+    e.settle()?;
     let mut mem = memory_json(e);
     mem["transfer_hidden_share"] = json!(write_trace(a, &[(name, e)], run)?);
     update_report(&a.out, name, section.clone(), mem)?;

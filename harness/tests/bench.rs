@@ -59,16 +59,15 @@ fn ppo_capacity_runs_both_strategies_and_reports_each_run() {
     assert_eq!(runs[0]["model"], "2x64x4");
     assert_eq!(runs[0]["strategy"], "naive");
     assert_eq!(runs[3]["strategy"], "chunked");
+    // Everything fits in memory here: every chunk starts on the device (zeros, then the
+    // weights written there), so nothing moves and there is no transfer time to hide (the
+    // shares themselves are computed from the timeline: `record::tests`).
     let moved: u64 = runs[3]["bytes_moved"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
-    assert!(moved > 0, "the chunked run moves chunks: {}", runs[3]);
-    // The timeline of the steps gives the hidden share, overall and per PPO phase.
-    let share = runs[3]["transfer_hidden_share"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&share), "{}", runs[3]);
-    // Everything fits in memory here: the only moves are the optimizer state's first trip to
-    // the device, in the update phase.
-    let h = runs[3]["hidden_by_phase"]["update"]["hidden_share"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&h), "{}", runs[3]);
-    assert!(runs[0]["transfer_hidden_share"].is_null(), "naive moves nothing: {}", runs[0]);
+    assert_eq!(moved, 0, "{}", runs[3]);
+    for k in ["transfer_hidden_share", "steady_hidden_share"] {
+        assert!(runs[3][k].is_null() && runs[0][k].is_null(), "{k}: {} {}", runs[0], runs[3]);
+    }
+    assert!(md.contains("| - | - |"), "no shares without transfers: {md}");
     assert!(md.contains("chunked / naive capacity: 1.0x"), "{md}");
     assert!(md.contains("chunked step time"), "{md}");
     assert!(d.path().join("out/capacity.png").exists());

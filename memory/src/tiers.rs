@@ -354,6 +354,12 @@ impl Tiers {
         self.pool(tier).is_some()
     }
 
+    /// Whether `tier` exists and the CPU may read and write its slots (host memory, the
+    /// simulated device).
+    pub fn host_addressable(&self, tier: Tier) -> bool {
+        self.pool(tier).is_some_and(|p| p.backend().host_addressable())
+    }
+
     fn pool(&self, tier: Tier) -> Option<&Arc<Pool>> {
         match tier {
             Tier::Device => self.device.as_ref(),

@@ -57,6 +57,8 @@ struct Op {
     tensors: Vec<usize>,
     role: Role,
     write: Option<u32>,
+    /// Discard the tensors' chunks instead of accessing them: every tensor in them reads zeros.
+    discard: bool,
 }
 
 fn op(n: usize) -> impl Strategy<Value = Op> {
@@ -64,8 +66,9 @@ fn op(n: usize) -> impl Strategy<Value = Op> {
         prop::collection::vec(0..n, 1..3),
         prop_oneof![Just(Role::Param), Just(Role::Master)],
         prop::option::of(any::<u32>()),
+        prop::bool::weighted(0.15),
     )
-        .prop_map(|(tensors, role, write)| Op { tensors, role, write })
+        .prop_map(|(tensors, role, write, discard)| Op { tensors, role, write, discard })
 }
 
 /// Runs `ops`; checks every read against the oracle; returns the manager for further checks.
@@ -85,6 +88,15 @@ fn run(m: &Manager, ops: &[Op], n: usize) {
         let mut refs: Vec<ChunkRef> = o.tensors.iter().map(|&t| m.chunk_of(ids[t], o.role)).collect();
         refs.sort_by_key(|r| r.index);
         refs.dedup();
+        if o.discard {
+            m.discard(&refs).unwrap_or_else(|e| panic!("discard {refs:?}: {e}"));
+            for (t, &id) in ids.iter().enumerate() {
+                if refs.contains(&m.chunk_of(id, o.role)) {
+                    oracle.insert((t, o.role), 0);
+                }
+            }
+            continue;
+        }
         let mode = if o.write.is_some() { Mode::Write } else { Mode::Read };
         let mut a = m.access(&refs, mode).unwrap_or_else(|e| panic!("access {refs:?}: {e}"));
         for &t in &o.tensors {
@@ -200,6 +212,61 @@ fn read_only_passes_never_write_back() {
     let after = m.stats();
     assert_eq!(written(&after), written(&before), "clean chunks are dropped, not written back");
     assert!(after.clean_drops > before.clean_drops);
+}
+
+#[test]
+fn a_discarded_chunk_is_neither_written_back_nor_read_again() {
+    let dir = scratch();
+    // Device room for 3 chunks, host for 4: most of the 12 go to NVMe.
+    let sizes = vec![4000; 12];
+    let m = manager(dir.path(), &sizes, PolicyKind::Lru, 3, true, 4);
+    let all: Vec<ChunkRef> = m.chunks(0, Role::Param);
+    let ids: Vec<TensorId> = (0..sizes.len()).map(|index| TensorId { group: 0, index }).collect();
+    let write_all = |v: u32| {
+        for (t, &id) in ids.iter().enumerate() {
+            let mut a = m.access(&[m.chunk_of(id, Role::Param)], Mode::Write).unwrap();
+            a.slice_mut::<u32>(id, Role::Param).unwrap().fill(v + t as u32);
+        }
+    };
+    write_all(1);
+    // Held by an access: refused, nothing changes.
+    {
+        let _a = m.access(&all[..1], Mode::Read).unwrap();
+        let e = m.discard(&all[..1]).unwrap_err();
+        assert!(e.to_string().contains("being accessed"), "{e}");
+    }
+    m.quiesce();
+    let moved = |s: &stowage_memory::manager::trace::ManagerStats, to: &str| s.links.iter().filter(|(k, _)| k.ends_with(to)).map(|(_, l)| l.bytes).sum::<u64>();
+    // Overwrite everything twice: the second time every chunk must first be read back...
+    let before = m.stats();
+    write_all(2);
+    m.quiesce();
+    let kept = m.stats();
+    assert!(moved(&kept, "->device") > moved(&before, "->device"), "chunks below the device are read back before a write");
+    // ...unless it was discarded: no copy is written back (the device held changed ones), every
+    // copy is gone, and nothing is read.
+    let before = m.stats();
+    m.discard(&all).unwrap();
+    m.quiesce();
+    let gone = m.stats();
+    assert_eq!(moved(&gone, "->nvme") + moved(&gone, "->host"), moved(&before, "->nvme") + moved(&before, "->host"), "discarding writes nothing back");
+    assert_eq!(gone.device_model_bytes, 0);
+    assert!(gone.tiers.values().all(|t| t.used == 0), "copies freed in every tier: {:?}", gone.tiers);
+    let before = m.stats();
+    for (t, &id) in ids.iter().enumerate() {
+        let mut a = m.access(&[m.chunk_of(id, Role::Param)], Mode::Write).unwrap();
+        let s = a.slice_mut::<u32>(id, Role::Param).unwrap();
+        assert!(s.iter().all(|&x| x == 0), "tensor {t}: a discarded chunk reads zeros");
+        s.fill(3 + t as u32);
+    }
+    let after = m.stats();
+    assert_eq!(moved(&after, "->device"), moved(&before, "->device"), "a discarded chunk is not read back");
+    // The new data reads back after all the moves.
+    m.quiesce();
+    for (t, &id) in ids.iter().enumerate() {
+        let a = m.access(&[m.chunk_of(id, Role::Param)], Mode::Read).unwrap();
+        assert!(a.slice::<u32>(id, Role::Param).unwrap().iter().all(|&x| x == 3 + t as u32), "tensor {t}");
+    }
 }
 
 #[test]

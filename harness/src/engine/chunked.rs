@@ -630,8 +630,8 @@ impl Chunked {
 
     /// Updates chunk `c` (every role of it at once on the device).
     fn update_chunk(&self, c: usize, step: u64, mult: f32) -> Result<()> {
-        let a = self.access(&self.up.refs(c)?, Mode::Write)?;
-        self.up.apply(a, step, mult, &self.opts.adam)
+        self.up.apply(self.access(&self.up.refs(c)?, Mode::Write)?, step, mult, &self.opts.adam)?;
+        self.up.discard_grad(c)
     }
 
     /// Copies the tensors of `group` out of their `role` chunks to the CPU as fp32, with their
@@ -726,6 +726,11 @@ impl Engine for Chunked {
             for c in self.update_order() {
                 self.update_chunk(c, step, mult)?;
             }
+        } else {
+            // A skipped step's gradients are of no further use either.
+            for c in self.update_order() {
+                self.up.discard_grad(c)?;
+            }
         }
         self.mgr.end_iteration();
         Ok(stats)
@@ -793,9 +798,9 @@ impl Engine for Chunked {
     }
 
     fn memory(&self) -> MemoryReport {
-        // The figures include the update running in the background; its error, if any, comes
-        // with the model's next call.
-        let _ = Chunked::settle(self);
+        // A snapshot: an update running in the background counts as far as it has gone (a
+        // progress line must not wait for it, or the update would no longer overlap the next
+        // step's work).
         let st = self.mgr.stats();
         MemoryReport {
             device_peak_bytes: st.tiers.get("device").map_or(0, |t| t.peak),

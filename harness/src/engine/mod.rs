@@ -156,6 +156,8 @@ pub trait Engine {
     /// Optimizer moments as `NAME.exp_avg` / `NAME.exp_avg_sq` fp32 CPU tensors, plus the step.
     fn export_optimizer(&mut self) -> Result<(u64, Vec<(String, Tensor)>)>;
     fn import_optimizer(&mut self, step: u64, named: &BTreeMap<String, Tensor>) -> Result<()>;
+    /// The memory figures so far. A snapshot: work left running in the background counts as far
+    /// as it has gone; call [`Engine::settle`] first for final figures.
     fn memory(&self) -> MemoryReport;
     /// Steps taken so far.
     fn steps(&self) -> u64;

@@ -312,6 +312,8 @@ fn background_updates_train_exactly_as_updates_in_place() {
                 // update still running.
                 m.set_lr(3e-3 / (i + 1) as f32);
                 losses.push(m.step(x, &|o: &Tensor| lm_loss(o, y)).unwrap().loss);
+                // A progress line's memory figures do not wait for the update.
+                let _ = m.memory();
                 background += m.updating_in_background() as usize;
             }
             (m.export().unwrap(), losses, background, m.memory().bytes_moved)

@@ -41,6 +41,13 @@ impl Updater {
         Ok(self.roles.iter().map(|&(role, _)| ChunkRef { group, index: c, role }).collect())
     }
 
+    /// Discards chunk `c`'s gradient once the update has consumed it: it need not be written
+    /// back, nor read before the next backward pass writes it.
+    pub(super) fn discard_grad(&self, c: usize) -> Result<()> {
+        let group = self.group.ok_or_else(frozen_error)?;
+        Ok(self.mgr.discard(&[ChunkRef { group, index: c, role: Role::Grad }])?)
+    }
+
     /// Updates the chunk set accessed in `a` (every role of one chunk, in `roles` order).
     pub(super) fn apply(&self, mut a: stowage_memory::Access<'_>, step: u64, mult: f32, cfg: &AdamConfig) -> Result<()> {
         let dtype = self.dtype;
@@ -133,8 +140,8 @@ impl Background {
             .spawn(move || -> Result<()> {
                 let _done = done;
                 let r = order.iter().try_for_each(|&c| {
-                    let a = up.mgr.access(&up.refs(c)?, Mode::Write)?;
-                    up.apply(a, step, mult, &cfg)
+                    up.apply(up.mgr.access(&up.refs(c)?, Mode::Write)?, step, mult, &cfg)?;
+                    up.discard_grad(c)
                 });
                 up.mgr.end_iteration();
                 r

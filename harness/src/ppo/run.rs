@@ -339,6 +339,9 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
     if st.iteration < a.steps {
         // Stopped early (--stop-at): the checkpoint is saved; `--resume` carries on.
         run.bar.finish_and_clear();
+        for (_, e) in m.named() {
+            e.settle()?;
+        }
         let section = json!({"stopped_at": st.iteration, "steps": a.steps, "gold_reward_before": gold_before, "kl_final": last_kl, "checkpoint": ckpt_dir});
         update_report(&a.out, "ppo", section.clone(), memory_json(m.actor.as_ref()))?;
         return Ok(section);
@@ -361,6 +364,9 @@ pub fn run_ppo(a: &TrainArgs, p: &PpoArgs) -> Result<Value> {
         "gold_reward_before": gold_before, "gold_reward_after": gold_after, "kl_final": last_kl,
         "steps": a.steps, "seconds": run.started.elapsed().as_secs_f64(),
     });
+    for (_, e) in m.named() {
+        e.settle()?;
+    }
     let mut mem = memory_json(m.actor.as_ref());
     let mut moved: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut dev_peak = 0;

@@ -256,6 +256,49 @@ impl Manager {
         g.store.policy.set_schedule(schedule.iter().map(|r| r.id()).collect(), true);
     }
 
+    /// The chunks' contents are no longer needed (a gradient the optimizer has consumed): every
+    /// copy is dropped, in every tier, without a write-back, their tensors become
+    /// [`TensorState::Free`], and the next access finds zeros without reading anything. Waits for
+    /// a move of theirs in flight; an error, changing nothing, while an access holds one of them.
+    pub fn discard(&self, chunks: &[ChunkRef]) -> Result<()> {
+        let mut g = self.lock();
+        let idx: Vec<usize> = chunks.iter().map(|&r| self.index(&g, r)).collect::<Result<_>>()?;
+        loop {
+            if let Some(k) = idx.iter().position(|&i| g.store.chunks[i].compute) {
+                return Err(Error::InvalidState(format!("chunk {:?} is being accessed: it cannot be discarded", chunks[k])));
+            }
+            g.store.reap();
+            match idx.iter().find(|&&i| g.store.chunks[i].moving.is_some()) {
+                Some(&i) => g = self.wait(g, Some(i)),
+                None => break,
+            }
+        }
+        // Tensors without data stay as they are; the others must be at rest (not awaiting an
+        // update).
+        for r in chunks {
+            for (t, info) in self.layouts[r.group].tensors_in(r.index) {
+                let from = g.states[r.group][t][r.role.index()];
+                if from != TensorState::Free {
+                    from.transition(TensorState::Free, &info.name)?;
+                }
+            }
+        }
+        for r in chunks {
+            for (t, _) in self.layouts[r.group].tensors_in(r.index) {
+                g.states[r.group][t][r.role.index()] = TensorState::Free;
+            }
+        }
+        for &i in &idx {
+            let c = &mut g.store.chunks[i];
+            c.copies = [None, None, None];
+            c.valid = [false; 3];
+            c.error = None;
+        }
+        drop(g);
+        self.cv.notify_all();
+        Ok(())
+    }
+
     /// Marks the end of an iteration (one pass over the schedule).
     pub fn end_iteration(&self) {
         self.lock().store.policy.on_iteration_end();
@@ -428,6 +471,10 @@ impl Manager {
     /// One step towards fetching chunk `i`: `Ok(true)` once its move has started, `Ok(false)`
     /// when room is still being made (wait for a move, then call again).
     fn start_fetch(&self, s: &mut Store, i: usize, pinned: &[usize]) -> Result<bool> {
+        if !s.has_data(i) && self.tiers.host_addressable(Tier::Device) {
+            // Zeros straight on the device (false: wait for room there).
+            return s.materialise_on_device(&self.tiers, i, pinned);
+        }
         if s.materialise(&self.tiers, i)?.is_none() {
             return Ok(false);
         }

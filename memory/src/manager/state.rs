@@ -8,6 +8,7 @@
 //!                    |             HoldAfterBwd --(grads final)--> ReadyForUpdate
 //!                    |                   |  (accumulate: access again)      |
 //!                    +<-------------------------- update done --------------+
+//!   Hold --discard--> Free   (contents no longer needed: a consumed gradient)
 //! ```
 //! A chunk with any tensor in `Compute` is never evicted. Anything not drawn above is an error
 //! (Gemini ignores invalid transitions silently; here they are bugs worth reporting).
@@ -46,6 +47,7 @@ impl TensorState {
                 | (HoldAfterBwd, ReadyForUpdate)
                 | (ReadyForUpdate, Compute)
                 | (ReadyForUpdate, Hold)
+                | (Hold, Free)
         )
     }
 
@@ -78,8 +80,8 @@ mod tests {
     #[test]
     fn everything_else_is_an_error() {
         let allowed = ALL.iter().flat_map(|&a| ALL.iter().map(move |&b| (a, b))).filter(|&(a, b)| a.can_become(b)).count();
-        assert_eq!(allowed, 9);
-        for (a, b) in [(Hold, ReadyForUpdate), (Free, HoldAfterBwd), (Compute, Compute), (Hold, Free), (Hold, Hold)] {
+        assert_eq!(allowed, 10);
+        for (a, b) in [(Hold, ReadyForUpdate), (Free, HoldAfterBwd), (Compute, Compute), (HoldAfterBwd, Free), (Compute, Free), (Hold, Hold)] {
             let e = a.transition(b, "w").unwrap_err();
             assert!(e.to_string().contains("not a valid transition"), "{e}");
         }

@@ -221,6 +221,26 @@ impl Store {
         [Tier::Host, Tier::Nvme].into_iter().find(|&t| c.on(t))
     }
 
+    /// Whether chunk `i` holds data somewhere (false: never written, or discarded).
+    pub(crate) fn has_data(&self, i: usize) -> bool {
+        self.chunks[i].has_data()
+    }
+
+    /// Gives a chunk without data its first copy as zeros on a CPU-addressable device (the
+    /// simulated one): nothing to read or copy. False while the device has no room yet.
+    pub(crate) fn materialise_on_device(&mut self, tiers: &Tiers, i: usize, pinned: &[usize]) -> Result<bool> {
+        let bytes = self.chunks[i].bytes;
+        if !self.room(tiers, Tier::Device, bytes as u64, pinned)? {
+            return Ok(false);
+        }
+        let mut s = tiers.alloc(Tier::Device, bytes)?;
+        s.bytes_mut().ok_or_else(|| Error::InvalidState("a CPU-addressable device slot has no bytes".into()))?.fill(0);
+        let c = &mut self.chunks[i];
+        c.copies[ti(Tier::Device)] = Some(s);
+        c.valid[ti(Tier::Device)] = true;
+        Ok(true)
+    }
+
     /// Gives a never-written chunk its first copy: zeros in a host slot.
     pub(crate) fn materialise(&mut self, tiers: &Tiers, i: usize) -> Result<Option<()>> {
         if self.chunks[i].has_data() {

@@ -94,16 +94,25 @@ pub fn now_us() -> f64 {
     origin().elapsed().as_secs_f64() * 1e6
 }
 
-/// `transfers` (`[start, end)` in microseconds) against the union of `compute` spans: how much
-/// transfer time ran while something computed. Several managers' traces share one time base,
-/// so their spans can be pooled (a PPO run's reward model computing while the actor's chunks
-/// arrive hides those transfers too).
-pub fn overlap_of(compute: Vec<(f64, f64)>, transfers: impl IntoIterator<Item = (f64, f64)>) -> Overlap {
+/// `transfers` (`(link, start, end)`, microseconds) against the union of `compute` spans: how
+/// much transfer time ran while something computed. A link's transfer time is the time it is
+/// busy, with at least one move in flight (as a disk's utilisation counts it: moves queued
+/// together count once, not once each, so a deeper queue does not inflate it), summed over
+/// links. Several managers' traces share one time base, so their spans can be pooled (a PPO
+/// run's reward model computing while the actor's chunks arrive hides those transfers too), and
+/// their moves over a link of the same name share it.
+pub fn overlap_of<'a>(compute: Vec<(f64, f64)>, transfers: impl IntoIterator<Item = (&'a str, f64, f64)>) -> Overlap {
     let cover = union(compute);
+    let mut links: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    for (link, a, b) in transfers {
+        links.entry(link).or_default().push((a, b));
+    }
     let mut o = Overlap::default();
-    for (a, b) in transfers {
-        o.transfer_us += b - a;
-        o.hidden_us += covered(&cover, a, b);
+    for spans in links.into_values() {
+        for (a, b) in union(spans) {
+            o.transfer_us += b - a;
+            o.hidden_us += covered(&cover, a, b);
+        }
     }
     o
 }
@@ -178,10 +187,10 @@ impl Tracer {
     /// compute spans.
     pub(crate) fn overlap(&self) -> Overlap {
         let compute = self.tracks["compute"];
-        let links: Vec<u32> = self.tracks.iter().filter(|(n, _)| n.contains("->")).map(|(_, &t)| t).collect();
+        let links: BTreeMap<u32, &str> = self.tracks.iter().filter(|(n, _)| n.contains("->")).map(|(n, &t)| (t, n.as_str())).collect();
         overlap_of(
             self.events.iter().filter(|e| e.tid == compute).map(|e| (e.ts, e.ts + e.dur)).collect(),
-            self.events.iter().filter(|e| links.contains(&e.tid)).map(|e| (e.ts, e.ts + e.dur)),
+            self.events.iter().filter_map(|e| Some((*links.get(&e.tid)?, e.ts, e.ts + e.dur))),
         )
     }
 
@@ -225,5 +234,13 @@ mod tests {
         assert!((o.hidden_us - 160.0).abs() < 1e-6, "{o:?}");
         assert!((o.share().unwrap() - 160.0 / 310.0).abs() < 1e-9);
         assert_eq!(Overlap::default().share(), None);
+        // Moves queued together on one link count the time it is busy, once: [30, 240) joins
+        // [50, 250) on host->device (busy [30, 250): 220, of which 150 under compute); another
+        // link's move at the same time counts on its own.
+        t.span("host->device", "f".into(), at(&t, 30), Duration::from_micros(210));
+        t.span("nvme->host", "p".into(), at(&t, 30), Duration::from_micros(210));
+        let o = t.overlap();
+        assert!((o.transfer_us - (220.0 + 100.0 + 10.0 + 210.0)).abs() < 1e-6, "{o:?}");
+        assert!((o.hidden_us - (150.0 + 0.0 + 10.0 + 140.0)).abs() < 1e-6, "{o:?}");
     }
 }

@@ -45,6 +45,9 @@ struct Member {
 struct Inner {
     members: Vec<Member>,
     current: Option<usize>,
+    /// The room the member with the turn asked for (its working set, or all its parameters
+    /// besides for a claim).
+    room: u64,
     clock: u64,
     /// Members in the order they took turns (the latest few hundred).
     history: Vec<usize>,
@@ -128,6 +131,7 @@ impl Turns {
             return Ok(());
         }
         let want = g.members[k].want;
+        g.room = want;
         self.make_room(&mut g, k, want)
     }
 
@@ -137,6 +141,7 @@ impl Turns {
     pub fn claim(&self, k: usize) -> Result<()> {
         let mut g = self.lock();
         let want = g.members[k].want + g.members[k].params;
+        g.room = want;
         self.make_room(&mut g, k, want)
     }
 
@@ -194,14 +199,24 @@ impl Turns {
     }
 
     /// Member `k`'s background work is over: its leases end (what it does not hold goes back to
-    /// the shared budgets).
+    /// the shared budgets), and the member with the turn gets the room it asked for, which the
+    /// lease may have cut short (a generating actor would otherwise re-read what did not fit
+    /// for every token while `k`'s chunks sat idle in memory).
     pub fn done(&self, k: usize) {
         let mut g = self.lock();
         let m = &mut g.members[k];
-        if m.busy {
-            m.mgr.tiers().lease(Tier::Device, None);
-            m.mgr.tiers().lease(Tier::Host, None);
-            m.busy = false;
+        if !m.busy {
+            return;
+        }
+        m.mgr.tiers().lease(Tier::Device, None);
+        m.mgr.tiers().lease(Tier::Host, None);
+        m.busy = false;
+        if let Some(c) = g.current.filter(|&c| c != k) {
+            let room = g.room;
+            // A failed give-back leaves the data where it was: the turn goes on with less room.
+            if let Err(e) = self.make_room(&mut g, c, room) {
+                log::warn!("after a background update, making room for the model at work: {e}");
+            }
         }
     }
 
@@ -300,6 +315,11 @@ mod tests {
     /// A member with `tensors` one-chunk tensors, NVMe under `nvme` if given, needing `want`
     /// bytes at work and `staging` host bytes for its NVMe moves.
     fn member_on(turns: &Turns, tensors: usize, nvme: Option<&std::path::Path>, want: u64, staging: u64) -> (Arc<Manager>, usize) {
+        member_claiming(turns, tensors, nvme, want, 0, staging)
+    }
+
+    /// `member_on` with `params` bytes of parameters to claim room for.
+    fn member_claiming(turns: &Turns, tensors: usize, nvme: Option<&std::path::Path>, want: u64, params: u64, staging: u64) -> (Arc<Manager>, usize) {
         let mut tiers = TiersConfig::default()
             .with_device(DeviceChoice::Simulated, turns.device.limit())
             .with_host_budget(turns.host.limit())
@@ -321,7 +341,7 @@ mod tests {
             b.tensor(g, &format!("t{i}"), &[4096]);
         }
         let m = Arc::new(b.build().unwrap());
-        let k = turns.join(m.clone(), want, 0, staging, want);
+        let k = turns.join(m.clone(), want, params, staging, want);
         (m, k)
     }
 
@@ -396,6 +416,33 @@ mod tests {
         assert!(!small.background(kc).unwrap(), "2 + 2 chunks do not fit in 3");
         assert_eq!(held(&c, Tier::Device), held_before, "a refusal changes nothing");
         assert!(limit(&c, Tier::Device) > 2 * CB);
+    }
+
+    #[test]
+    fn when_a_background_update_ends_the_model_at_work_gets_the_room_it_claimed() {
+        let dir = scratch();
+        let turns = Turns::new(6 * CB, 6 * CB);
+        let (a, ka) = member_on(&turns, 6, Some(dir.path()), 2 * CB, 2 * CB);
+        let (b, kb) = member_claiming(&turns, 6, Some(dir.path()), 2 * CB, 6 * CB, 2 * CB);
+        fill(&turns, ka, &a, 6, 10.0);
+        assert!(turns.background(ka).unwrap());
+        // b claims room for all its parameters (a generating actor); a's lease cuts it to 4.
+        turns.claim(kb).unwrap();
+        fill(&turns, kb, &b, 6, 20.0);
+        assert!(held(&b, Tier::Device) <= 4 * CB);
+        // a's update works within its lease, then ends.
+        touch_all(&a, 2);
+        assert!(held(&a, Tier::Device) > 0);
+        turns.done(ka);
+        assert_eq!(held(&a, Tier::Device), 0, "a's idle chunks make way for b's claim");
+        // b now keeps all six on the device (they are accessed over and over while generating).
+        touch_all(&b, 6);
+        touch_all(&b, 6);
+        assert_eq!(held(&b, Tier::Device), 6 * CB, "b grows into the room a left");
+        turns.enter(ka).unwrap();
+        check(&a, 6, 10.0);
+        turns.enter(kb).unwrap();
+        check(&b, 6, 20.0);
     }
 
     fn touch_all(m: &Manager, n: usize) {

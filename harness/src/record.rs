@@ -45,10 +45,12 @@ pub fn trace_overlap(events: &[Value], from_us: f64, to_us: f64) -> stowage_memo
     let names: std::collections::HashMap<(u64, u64), &str> =
         events.iter().filter(|e| e["ph"] == "M" && e["name"] == "thread_name").filter_map(|e| Some((track(e), e["args"]["name"].as_str()?))).collect();
     let compute: Vec<(f64, f64)> = events.iter().filter(|e| e["cat"] == "compute").filter_map(span).collect();
+    // Links only ("host->device", ...): traces written before waits had their own category
+    // marked a release's wait ("give back") as a transfer.
     let transfers = events
         .iter()
         .filter(|e| e["cat"] == "transfer")
-        .filter_map(|e| Some((names.get(&track(e)).copied().unwrap_or("?"), span(e)?)))
+        .filter_map(|e| Some((names.get(&track(e)).copied().filter(|n| n.contains("->"))?, span(e)?)))
         .filter(|(_, s)| s.0 >= from_us && s.0 < to_us)
         .map(|(l, (a, b))| (l, a, b));
     stowage_memory::manager::trace::overlap_of(compute, transfers)
@@ -196,8 +198,11 @@ mod tests {
             span(2, 3, "transfer", 180.0, 80.0),
             // Another link, later: [350, 450), 50 under compute.
             span(2, 4, "transfer", 350.0, 100.0),
-            // A stall is no transfer.
+            // A stall is no transfer, nor is a release waiting for its evictions (marked a
+            // transfer in older traces).
             span(2, 3, "stall", 0.0, 1000.0),
+            meta(2, 6, "give back"),
+            span(2, 6, "transfer", 500.0, 100.0),
         ]
     }
 

@@ -164,13 +164,16 @@ impl Tracer {
         *self.tracks.entry(name.to_string()).or_insert(next)
     }
 
-    /// A span on `track` (a link name, "compute" or "stall").
+    /// A span on `track`: a link name ("host->device", ...: a transfer), "compute", or a wait
+    /// ("stall": an access waiting for data; "give back": a release waiting for its evictions,
+    /// whose moves are on their links already).
     pub(crate) fn span(&mut self, track: &str, name: String, start: Instant, dur: Duration) {
         let tid = self.track(track);
         let cat = match track {
             "compute" => "compute",
             "stall" => "stall",
-            _ => "transfer",
+            t if t.contains("->") => "transfer",
+            _ => "wait",
         };
         self.events.push(Event {
             name,
@@ -227,8 +230,11 @@ mod tests {
         t.span("host->device", "f".into(), at(&t, 50), Duration::from_micros(200));
         t.span("device->host", "e".into(), at(&t, 300), Duration::from_micros(100));
         t.span("nvme->device", "f".into(), at(&t, 450), Duration::from_micros(10));
-        // A stall is a wait, not a transfer.
+        // A stall is a wait, not a transfer; so is a release waiting for its evictions.
         t.span("stall", "s".into(), at(&t, 0), Duration::from_micros(1000));
+        t.span("give back", "g".into(), at(&t, 600), Duration::from_micros(100));
+        let cats: Vec<String> = t.to_json()["traceEvents"].as_array().unwrap().iter().filter(|e| e["name"] == "g").map(|e| e["cat"].to_string()).collect();
+        assert_eq!(cats, ["\"wait\""]);
         let o = t.overlap();
         assert!((o.transfer_us - 310.0).abs() < 1e-6, "{o:?}");
         assert!((o.hidden_us - 160.0).abs() < 1e-6, "{o:?}");

@@ -45,12 +45,12 @@ pub fn trace_overlap(events: &[Value], from_us: f64, to_us: f64) -> stowage_memo
     let names: std::collections::HashMap<(u64, u64), &str> =
         events.iter().filter(|e| e["ph"] == "M" && e["name"] == "thread_name").filter_map(|e| Some((track(e), e["args"]["name"].as_str()?))).collect();
     let compute: Vec<(f64, f64)> = events.iter().filter(|e| e["cat"] == "compute").filter_map(span).collect();
-    // Links only ("host->device", ...): traces written before waits had their own category
-    // marked a release's wait ("give back") as a transfer.
+    // The spans of link tracks ("host->device", ...), as the manager counts them: traces written
+    // before waits had a category of their own marked a release's wait ("give back") a transfer.
     let transfers = events
         .iter()
         .filter(|e| e["cat"] == "transfer")
-        .filter_map(|e| Some((names.get(&track(e)).copied().filter(|n| n.contains("->"))?, span(e)?)))
+        .filter_map(|e| Some((names.get(&track(e)).copied().filter(|n| stowage_memory::manager::trace::is_link(n))?, span(e)?)))
         .filter(|(_, s)| s.0 >= from_us && s.0 < to_us)
         .map(|(l, (a, b))| (l, a, b));
     stowage_memory::manager::trace::overlap_of(compute, transfers)

@@ -46,6 +46,11 @@ pub(crate) fn link_name(from: Tier, to: Tier) -> String {
     format!("{from}->{to}")
 }
 
+/// Whether a trace track is a link (named by [`link_name`]): its spans are transfers.
+pub fn is_link(track: &str) -> bool {
+    track.contains("->")
+}
+
 #[derive(Debug, Clone, Serialize)]
 struct Event {
     name: String,
@@ -172,7 +177,7 @@ impl Tracer {
         let cat = match track {
             "compute" => "compute",
             "stall" => "stall",
-            t if t.contains("->") => "transfer",
+            t if is_link(t) => "transfer",
             _ => "wait",
         };
         self.events.push(Event {
@@ -190,7 +195,7 @@ impl Tracer {
     /// compute spans.
     pub(crate) fn overlap(&self) -> Overlap {
         let compute = self.tracks["compute"];
-        let links: BTreeMap<u32, &str> = self.tracks.iter().filter(|(n, _)| n.contains("->")).map(|(n, &t)| (t, n.as_str())).collect();
+        let links: BTreeMap<u32, &str> = self.tracks.iter().filter(|(n, _)| is_link(n)).map(|(n, &t)| (t, n.as_str())).collect();
         overlap_of(
             self.events.iter().filter(|e| e.tid == compute).map(|e| (e.ts, e.ts + e.dur)).collect(),
             self.events.iter().filter_map(|e| Some((*links.get(&e.tid)?, e.ts, e.ts + e.dur))),

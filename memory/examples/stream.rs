@@ -4,7 +4,7 @@
 //! what the prefetcher keeps resident across passes and what it re-reads.
 //!
 //! `cargo run --release -p stowage-memory --example stream -- --dir /var/tmp/x [--chunks 93
-//! --device 37 --host 35 --mib 8 --compute-ms 4 --passes 8 --depth 64]`
+//! --device 37 --host 35 --mib 8 --compute-ms 4 --passes 8 --depth 64 --policy auto|optimal]`
 
 use std::time::{Duration, Instant};
 
@@ -15,12 +15,20 @@ fn main() -> stowage_memory::Result<()> {
     let arg = |name: &str, default: &str| -> String {
         args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
     };
-    let num = |name: &str, default: &str| -> u64 { arg(name, default).parse().expect("a number") };
+    let bad = |name: &str| -> ! {
+        eprintln!("{name} takes a number");
+        std::process::exit(2)
+    };
+    let num = |name: &str, default: &str| -> u64 { arg(name, default).parse().unwrap_or_else(|_| bad(name)) };
     let (n, dev, host, mib) = (num("--chunks", "93"), num("--device", "37"), num("--host", "35"), num("--mib", "8"));
-    let compute = Duration::from_micros((arg("--compute-ms", "4").parse::<f64>().expect("a number") * 1000.0) as u64);
+    let compute_ms: f64 = arg("--compute-ms", "4").parse().unwrap_or_else(|_| bad("--compute-ms"));
+    let compute = Duration::from_micros((compute_ms * 1000.0) as u64);
     let passes = num("--passes", "8");
     let dir = std::path::PathBuf::from(arg("--dir", "/var/tmp/stowage-stream"));
-    std::fs::create_dir_all(&dir).expect("creating --dir");
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("creating --dir {}: {e}", dir.display());
+        std::process::exit(2);
+    }
     let elems = (mib << 20) as usize / 4;
     let cb = (elems * 4) as u64;
     let cfg = ManagerConfig {

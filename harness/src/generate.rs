@@ -111,6 +111,7 @@ pub fn generate(engine: &mut dyn Engine, prompts: &[Vec<i64>], max_new: usize, e
             });
         }
     }
+    engine.end_generation()?;
     Ok(out.into_iter().map(|g| g.expect("every prompt has a length group")).collect())
 }
 

@@ -379,8 +379,12 @@ pub fn block(p: &[Tensor], x: &Tensor, n_head: usize, lora_scale: f64, cache: Op
     let mut causal = true;
     if let Some(cache) = cache {
         if let (Some(pk), Some(pv)) = (&cache.k, &cache.v) {
-            k = Tensor::cat(&[pk, &k], 2);
-            v = Tensor::cat(&[pv, &v], 2);
+            // A cache filled at another precision (a prompt read with the fp32 weights, then
+            // decoding through a 16-bit copy) is converted once, here.
+            let kind = k.kind();
+            let same = |z: &Tensor| if z.kind() == kind { z.shallow_clone() } else { z.to_kind(kind) };
+            k = Tensor::cat(&[same(pk), k], 2);
+            v = Tensor::cat(&[same(pv), v], 2);
             // Every new query sees all cached positions; among new positions causality holds
             // only when several are added at once, which happens for the first call alone.
             causal = t > 1;
@@ -414,6 +418,13 @@ pub struct Units {
     pub embed: std::ops::Range<usize>,
     pub blocks: Vec<std::ops::Range<usize>>,
     pub head: std::ops::Range<usize>,
+}
+
+impl Units {
+    /// Spec indices of the blocks' linear weights (`[in, out]`, applied as `x W`).
+    pub fn linear_weights(&self) -> Vec<usize> {
+        self.blocks.iter().flat_map(|r| LORA_TARGETS.iter().map(move |&(_, w)| r.start + w)).collect()
+    }
 }
 
 pub fn units(specs: &[ParamSpec], n_layer: usize) -> Units {

@@ -54,6 +54,16 @@ pub enum Precision {
     Fp16,
 }
 
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::Fp32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::Fp16 => DType::F16,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RmLoss {
     /// -log sigmoid(r_chosen - r_rejected)
@@ -163,6 +173,12 @@ pub struct TrainArgs {
     pub clip: f32,
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
     pub dtype: Precision,
+    /// Precision of the weights decoding reads (generation, after the prompt): a 16-bit copy
+    /// made while the prompt is read and dropped when generation ends, so every generated
+    /// token reads half the bytes (the prompt and every training pass keep --dtype). Default:
+    /// --dtype (no copy).
+    #[arg(long, value_enum)]
+    pub gen_dtype: Option<Precision>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output directory: metrics.jsonl, report.json, checkpoint/.
@@ -244,11 +260,12 @@ impl TrainArgs {
     }
 
     fn dtype(&self) -> DType {
-        match self.dtype {
-            Precision::Fp32 => DType::F32,
-            Precision::Bf16 => DType::BF16,
-            Precision::Fp16 => DType::F16,
-        }
+        self.dtype.dtype()
+    }
+
+    /// The decoding copy's precision, None where it would equal the parameters'.
+    pub fn gen_dtype(&self) -> Option<DType> {
+        self.gen_dtype.map(Precision::dtype).filter(|&d| d != self.dtype())
     }
 }
 
@@ -270,6 +287,8 @@ pub fn build_engine(a: &TrainArgs, cfg: GptConfig, head: HeadKind, notes: &mut V
         },
         max_norm: (a.clip > 0.0).then_some(a.clip),
         trainable: true,
+        // Only a language model generates.
+        gen_dtype: a.gen_dtype().filter(|_| head == HeadKind::Lm),
     };
     if let Some(alpha) = a.lora_alpha {
         if a.lora_rank == 0 || !alpha.is_finite() || alpha <= 0.0 {
@@ -298,7 +317,8 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
             // bf16/fp16 (2 + 2 + 4-byte master + moments), the dtype's size for a frozen one;
             // packing wastes a little: allow a quarter more.
             let trained = if opts.trainable { spec.trainable_numel() } else { 0 };
-            let state_bytes = trained * 16 + (spec.numel() - trained) * opts.dtype.size() as u64;
+            let decode_copy = opts.gen_dtype.map_or(0, |d| spec.numel() * d.size() as u64);
+            let state_bytes = trained * 16 + (spec.numel() - trained) * opts.dtype.size() as u64 + decode_copy;
             let per_param = state_bytes / spec.numel().max(1);
             let state = state_bytes * 5 / 4 + (64 << 20);
             let choice = match a.device {

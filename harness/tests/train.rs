@@ -201,6 +201,15 @@ fn ppo_models_taking_turns_with_the_budgets_train_as_with_fixed_shares() {
     for (k, v) in &a {
         assert!(v.equal(&b[k]), "{k} differs between shared and fixed budgets");
     }
+    // Decoding through a bf16 copy (its chunks claimed, spilled and dropped like the others):
+    // where they live changes no number either.
+    let bf16 = ["--gen-dtype", "bf16"];
+    let (turns16, a16) = ppo("turns-bf16", &[&["--budget-split", "turns"][..], &bf16].concat());
+    let (fixed16, b16) = ppo("fixed-bf16", &[&["--budget-split", "fixed"][..], &bf16].concat());
+    assert_eq!(turns16["ppo"]["gold_reward_after"], fixed16["ppo"]["gold_reward_after"]);
+    for (k, v) in &a16 {
+        assert!(v.equal(&b16[k]), "{k} differs between shared and fixed budgets (bf16 decoding)");
+    }
 }
 
 /// `--trace`: a Chrome trace with the model's process, a compute track and link tracks, and the

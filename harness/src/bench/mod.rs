@@ -92,6 +92,10 @@ pub struct CapacityArgs {
     pub max_new: usize,
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
     pub dtype: Precision,
+    /// Precision of the copy of the weights that decoding reads, for every strategy (see
+    /// `stowage ppo --help`); default: --dtype.
+    #[arg(long, value_enum)]
+    pub gen_dtype: Option<Precision>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
     /// A run taking longer than this is stopped and reported as not fitting in time.
@@ -249,6 +253,7 @@ fn run_one(a: &CapacityArgs, (strategy, lora): (Strategy, bool), model: &str, pa
         .args(["--steps", &a.steps.to_string(), "--batch-size", &a.batch_size.to_string(), "--ctx", &a.ctx.to_string()])
         .args(["--max-new", &a.max_new.to_string(), "--ppo-epochs", "1", "--minibatches", "1"])
         .args(["--dtype", &value_name(a.dtype), "--device", &value_name(a.device)])
+        .args(a.gen_dtype.iter().flat_map(|d| ["--gen-dtype".to_string(), value_name(*d)]))
         .arg("--quiet")
         .arg("--out")
         .arg(a.out.join(&tag));
@@ -466,14 +471,15 @@ pub fn table(a: &CapacityArgs, runs: &[RunRecord]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "Capacity, task {}, budget {} ({}), batch {}, context {}{}, {:?}\n",
+        "Capacity, task {}, budget {} ({}), batch {}, context {}{}, {:?}{}\n",
         a.task.name(),
         human(a.budget),
         if a.device != DeviceArg::Sim && tch::Cuda::is_available() { "GPU memory" } else { "resident memory" },
         a.batch_size,
         a.ctx,
         if a.task == Workload::Ppo { format!(" ({} generated)", a.max_new) } else { String::new() },
-        a.dtype
+        a.dtype,
+        a.gen_dtype.map_or(String::new(), |d| format!(", decoding through a {d:?} copy"))
     );
     let _ = writeln!(s, "| strategy | model | params | fits | peak | step s | tokens/s | GFLOP/s | moved | hidden | steady | note |");
     let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
@@ -592,6 +598,7 @@ mod tests {
             ctx: 64,
             max_new: 16,
             dtype: Precision::Fp32,
+            gen_dtype: None,
             device: DeviceArg::Sim,
             timeout_s: 10,
             keep_going: false,

@@ -79,6 +79,9 @@ pub struct TrainOpts {
     /// False for inference-only models (a PPO reference or reward model): no gradients, no
     /// optimizer state; their chunks are only ever read.
     pub trainable: bool,
+    /// Precision of a copy of the weights made for decoding (see [`Engine::claim_parameters`]);
+    /// None: decoding reads the parameters themselves.
+    pub gen_dtype: Option<DType>,
 }
 
 impl Default for TrainOpts {
@@ -88,6 +91,7 @@ impl Default for TrainOpts {
             adam: AdamConfig::default(),
             max_norm: Some(1.0),
             trainable: true,
+            gen_dtype: None,
         }
     }
 }
@@ -181,8 +185,15 @@ pub trait Engine {
     /// reference without a copy of the weights) or back on. A model without adapters refuses.
     fn set_adapters(&mut self, on: bool) -> Result<()>;
     /// About to read the parameters many times over (generation): where budgets are shared
-    /// with other models, take room for all of them.
+    /// with other models, take room for all of them. With a decoding precision
+    /// ([`TrainOpts::gen_dtype`]), calls of `forward_cached` until [`Engine::end_generation`]
+    /// read the prompt through the parameters, making the 16-bit copy as they go, and decode
+    /// single tokens through the copy.
     fn claim_parameters(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Generation is over: the decoding copy, if any, is dropped (never written anywhere).
+    fn end_generation(&mut self) -> Result<()> {
         Ok(())
     }
 }

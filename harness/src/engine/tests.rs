@@ -330,3 +330,78 @@ fn background_updates_train_exactly_as_updates_in_place() {
         }
     }
 }
+
+/// One generation's logits: the prompt `[B, P]` at once, then each of `tokens`' columns as a
+/// single decoded token.
+fn decode_logits(e: &mut dyn Engine, prompt: &Tensor, tokens: &Tensor) -> Vec<Tensor> {
+    e.claim_parameters().unwrap();
+    let mut cache: Vec<crate::model::KvCache> = (0..e.spec().cfg.n_layer).map(|_| Default::default()).collect();
+    let mut out = vec![e.forward_cached(prompt, &mut cache, 0).unwrap()];
+    let p = prompt.size()[1];
+    for k in 0..tokens.size()[1] {
+        out.push(e.forward_cached(&tokens.narrow(1, k, 1), &mut cache, p + k).unwrap());
+    }
+    e.end_generation().unwrap();
+    out
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Decoding through a bf16 copy (`gen_dtype`), with chunks streaming through NVMe: the prompt
+/// reads the fp32 parameters (exactly fp32's logits), single tokens the copy (naive's bf16
+/// copy's logits, close to fp32's but not equal to them: the copy is what is read); after a
+/// step the next generation decodes the new weights (the copy is never stale), and when it
+/// ends no chunk of the copy remains in any tier.
+#[test]
+fn decoding_through_a_bf16_copy_matches_naive_and_is_never_stale() {
+    let dir = tempfile::Builder::new().prefix("stowage-decode").tempdir_in(std::env::var("STOWAGE_SCRATCH").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
+    let cfg = GptConfig::parse("3x64x4", 61, 16).unwrap();
+    let spec = ModelSpec::new(cfg, HeadKind::Lm);
+    let opts = TrainOpts {
+        adam: stowage_memory::optim::AdamConfig { lr: 1e-2, ..Default::default() },
+        ..TrainOpts::default()
+    };
+    let copy = TrainOpts { gen_dtype: Some(DType::BF16), ..opts };
+    let mut fp32 = Naive::new(spec.clone(), tch::Device::Cpu, opts, 5).unwrap();
+    let mut naive = Naive::new(spec.clone(), tch::Device::Cpu, copy, 5).unwrap();
+    // A quarter of the state on the device and on the host: the copy (an eighth of it) and
+    // the parameters stream.
+    let state = spec.numel() * 18;
+    let copts = ChunkedOpts {
+        tiers: TiersConfig::default().with_device(DeviceChoice::Simulated, state / 4).with_host_budget(state / 4).with_nvme(NvmeConfig::new(dir.path())),
+        chunk_elems: Some(8 * 1024),
+        keep_graph: false,
+        ..ChunkedOpts::default()
+    };
+    let mut chunked = Chunked::new(spec, copy, copts, 5).unwrap();
+    tch::manual_seed(7);
+    let prompt = Tensor::randint(61, [4, 5], (Kind::Int64, tch::Device::Cpu));
+    let tokens = Tensor::randint(61, [4, 6], (Kind::Int64, tch::Device::Cpu));
+    let copy_group = (0..8).find(|&g| chunked.manager().group_name(g).ends_with(".decode")).expect("a group for the copy");
+    for (round, (x, y)) in batches(61, 3).iter().enumerate() {
+        let want = decode_logits(&mut fp32, &prompt, &tokens);
+        let a = decode_logits(&mut naive, &prompt, &tokens);
+        let b = decode_logits(&mut chunked, &prompt, &tokens);
+        assert!(max_diff(&want[0], &a[0]) == 0.0 && max_diff(&want[0], &b[0]) < 1e-5, "round {round}: the prompt reads the fp32 weights");
+        for k in 1..want.len() {
+            let (to_naive, to_fp32) = (max_diff(&a[k], &b[k]), max_diff(&want[k], &b[k]));
+            // The same bf16 weights give the same logits; after steps the two strategies' fp32
+            // weights differ in the last bits (their AdamW kernels), which can round a weight
+            // to a neighbouring bf16 value: a few bf16 steps at most, where a copy left from
+            // before the step would be off by 0.8 and more.
+            let tol = if round == 0 { 0.0 } else { 2e-2 };
+            assert!(to_naive <= tol, "round {round}, token {k}: chunked and naive bf16 decoding differ by {to_naive}");
+            assert!(to_fp32 > 1e-6 && to_fp32 < 0.1, "round {round}, token {k}: bf16 decoding is {to_fp32} from fp32's");
+        }
+        for c in chunked.manager().chunks(copy_group, stowage_memory::Role::Param) {
+            assert!(chunked.manager().residency(c).is_empty(), "round {round}: {c:?} outlived the generation");
+        }
+        let f = |out: &Tensor| lm_loss(out, y);
+        for e in [&mut fp32 as &mut dyn Engine, &mut naive, &mut chunked] {
+            e.step(x, &f).unwrap();
+        }
+    }
+    assert!(chunked.memory().bytes_moved.iter().any(|(k, &v)| k.ends_with("->nvme") && v > 0), "chunks should reach NVMe");
+}

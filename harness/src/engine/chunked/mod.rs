@@ -21,6 +21,7 @@
 //! unit's graph, so the backward pass recomputes nothing: the step costs what the naive
 //! strategy's does, plus the chunk bookkeeping and the CPU AdamW.
 
+mod decode;
 mod pass;
 
 use std::collections::BTreeMap;
@@ -131,6 +132,8 @@ pub struct Chunked {
     keep_graph: bool,
     /// LoRA adapters applied (see `Engine::set_adapters`).
     adapters_on: bool,
+    /// The 16-bit copy generation decodes through (`TrainOpts::gen_dtype`).
+    decode: Option<decode::DecodeCopy>,
     notes: Vec<String>,
 }
 
@@ -184,6 +187,8 @@ impl Chunked {
         let train = make_group(&mut b, spec.cfg.name.clone(), &roles, true);
         let frozen_name = if train.is_some() { format!("{}.frozen", spec.cfg.name) } else { spec.cfg.name.clone() };
         let frozen = make_group(&mut b, frozen_name, &[(Role::Param, opts.dtype)], false);
+        let shapes: Vec<(String, Vec<usize>)> = spec.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
+        let decode_reg = opts.gen_dtype.filter(|&d| d != opts.dtype).map(|d| decode::DecodeCopy::register(&mut b, &format!("{}.decode", spec.cfg.name), d, &shapes, &spec.units.linear_weights()));
         let tids: Vec<TensorId> = tids.into_iter().map(|t| t.expect("every tensor is in a group")).collect();
         let mgr = std::sync::Arc::new(b.build()?);
         let roles = if train.is_some() { roles } else { Vec::new() };
@@ -235,8 +240,27 @@ impl Chunked {
             }
         }
 
+        let decode = decode_reg.map(|(g, dtids, transposed)| {
+            let layout = mgr.layout(g);
+            let per_unit = unit_tensors
+                .iter()
+                .map(|ts| {
+                    let mut c: Vec<usize> = ts.iter().map(|&t| layout.tensors[t].placement.chunk).collect();
+                    c.sort_unstable();
+                    c.dedup();
+                    c
+                })
+                .collect();
+            decode::DecodeCopy::new(g, dtids, transposed, per_unit)
+        });
+
         // What the budgets must hold.
-        let fp = Footprint::measure(&mgr, group_tensors.len(), &unit_chunks, train, &roles);
+        let mut fp = Footprint::measure(&mgr, group_tensors.len(), &unit_chunks, train, &roles);
+        let decode_bytes: u64 = decode.as_ref().map_or(0, |d| (0..mgr.layout(d.group()).chunk_sizes.len()).map(|i| mgr.layout(d.group()).chunk_bytes(i, Role::Param).unwrap_or(0) as u64).sum());
+        if decode_bytes > 0 {
+            fp.per_role.insert("decode copy".into(), decode_bytes);
+            fp.total += decode_bytes;
+        }
         let device_budget = fp.check(&copts.tiers)?;
         let t = copts.tiers.clone();
         let param_total = fp.per_role.get("param").copied().unwrap_or(0);
@@ -270,7 +294,10 @@ impl Chunked {
         // mode every parameter chunk too (the forward pass holds them all).
         let working = fp.unit_max + fp.update_max + if keep_graph { param_total } else { 0 };
         // In the background (the update) it needs one chunk's optimizer set and the next's.
-        let turn = copts.turns.as_ref().map(|t| t.join(mgr.clone(), working, param_total, 2 * fp.largest_chunk, 2 * fp.update_max));
+        // A generation claims room for what it reads per token: the decoding copy where there
+        // is one, else the parameters.
+        let claim = if decode.is_some() { decode_bytes } else { param_total };
+        let turn = copts.turns.as_ref().map(|t| t.join(mgr.clone(), working, claim, 2 * fp.largest_chunk, 2 * fp.update_max));
         let up = std::sync::Arc::new(Updater {
             mgr: mgr.clone(),
             group: train,
@@ -307,6 +334,7 @@ impl Chunked {
             deferred,
             keep_graph,
             adapters_on: true,
+            decode,
             notes,
         };
         me.initialise(seed)?;
@@ -495,6 +523,7 @@ impl Engine for Chunked {
     }
 
     fn forward(&mut self, ids: &Tensor) -> Result<Tensor> {
+        self.drop_decode()?;
         let mut x = ids.shallow_clone();
         for u in 0..self.spec.cfg.n_layer + 2 {
             x = self.unit_forward(u, &x)?;
@@ -504,17 +533,20 @@ impl Engine for Chunked {
 
     fn forward_cached(&mut self, ids: &Tensor, cache: &mut [KvCache], pos: i64) -> Result<Tensor> {
         let l = self.spec.cfg.n_layer;
-        let mut x = self.unit_forward_at(0, ids, pos, None)?;
+        // Single tokens decode through the copy, if any; a prompt reads the parameters.
+        let decode = ids.size().get(1) == Some(&1);
+        let mut x = self.unit_cached(0, ids, pos, None, decode)?;
         for (u, kv) in (1..=l).zip(cache.iter_mut()) {
-            x = self.unit_forward_at(u, &x, pos, Some(kv))?;
+            x = self.unit_cached(u, &x, pos, Some(kv), decode)?;
         }
-        self.unit_forward_at(l + 1, &x, pos, None)
+        self.unit_cached(l + 1, &x, pos, None, decode)
     }
 
     fn step(&mut self, ids: &Tensor, loss: &dyn Fn(&Tensor) -> Tensor) -> Result<StepStats> {
         if !self.opts.trainable {
             return Err(frozen_error());
         }
+        self.drop_decode()?;
         let step = self.step + 1;
         let this = &*self;
         let (loss_value, sq) = if this.pipelined {
@@ -588,6 +620,7 @@ impl Engine for Chunked {
     }
 
     fn import(&mut self, named: &BTreeMap<String, Tensor>) -> Result<()> {
+        self.drop_decode()?;
         for c in self.all_chunks() {
             let mut values = Vec::new();
             for t in self.tensors_in(c.0, c.1) {
@@ -662,10 +695,15 @@ impl Engine for Chunked {
 
     fn claim_parameters(&mut self) -> Result<()> {
         Chunked::settle(self)?;
+        self.begin_decode()?;
         match (&self.copts.turns, self.turn) {
             (Some(t), Some(k)) => t.claim(k),
             _ => Ok(()),
         }
+    }
+
+    fn end_generation(&mut self) -> Result<()> {
+        self.drop_decode()
     }
 
     fn set_adapters(&mut self, on: bool) -> Result<()> {

@@ -2,7 +2,8 @@
 //! parameter chunks and, as it goes, writes a 16-bit copy of every weight into a chunk group
 //! of its own; single generated tokens then read the copy alone. An fp32 model whose weights
 //! do not fit in memory re-reads the part that does not from NVMe for every token; at half the
-//! bytes, the copy of a model up to twice the room stays resident for the whole generation. The
+//! bytes, the copy of a model up to twice the room can stay resident for the whole generation
+//! (how much does is the policy's choice; docs/capacity-cpu.md measures it). The
 //! copy's chunks are charged to the tiers like any other (they spill when they must) and are
 //! discarded, never written back, when generation ends; a weight change (a step, an import)
 //! before then drops them too, so a stale copy is never read.

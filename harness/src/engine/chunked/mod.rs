@@ -187,8 +187,10 @@ impl Chunked {
         let train = make_group(&mut b, spec.cfg.name.clone(), &roles, true);
         let frozen_name = if train.is_some() { format!("{}.frozen", spec.cfg.name) } else { spec.cfg.name.clone() };
         let frozen = make_group(&mut b, frozen_name, &[(Role::Param, opts.dtype)], false);
-        let shapes: Vec<(String, Vec<usize>)> = spec.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
-        let decode_reg = opts.gen_dtype.filter(|&d| d != opts.dtype).map(|d| decode::DecodeCopy::register(&mut b, &format!("{}.decode", spec.cfg.name), d, &shapes, &spec.units.linear_weights()));
+        let decode_reg = opts.gen_dtype.filter(|&d| d != opts.dtype).map(|d| {
+            let shapes: Vec<(String, Vec<usize>)> = spec.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
+            decode::DecodeCopy::register(&mut b, &format!("{}.decode", spec.cfg.name), d, &shapes, &spec.units.linear_weights())
+        });
         let tids: Vec<TensorId> = tids.into_iter().map(|t| t.expect("every tensor is in a group")).collect();
         let mgr = std::sync::Arc::new(b.build()?);
         let roles = if train.is_some() { roles } else { Vec::new() };

@@ -339,6 +339,15 @@ impl Tiers {
         self.movers.nvme.as_ref().map(|n| n.engine().counters())
     }
 
+    /// Marks this set's NVMe traffic from now on as background (an optimizer update beside
+    /// other work), which yields to the process's foreground NVMe traffic; `false` ends that.
+    /// Without an NVMe tier, a no-op.
+    pub fn set_background_io(&self, on: bool) {
+        if let Some(n) = &self.movers.nvme {
+            n.set_background(on);
+        }
+    }
+
     /// Bytes written to and read from NVMe so far (completed and verified).
     pub fn nvme_bytes_moved(&self) -> (u64, u64) {
         self.movers.nvme.as_ref().map_or((0, 0), |n| n.bytes_moved())

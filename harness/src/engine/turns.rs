@@ -28,6 +28,9 @@ struct Member {
     mgr: Arc<Manager>,
     /// Bytes it needs in fast memory while at work (a unit's chunks).
     want: u64,
+    /// Bytes it would like besides at its turn: the next unit's chunks, so they arrive while
+    /// the current one computes (a turn with `want` alone fetches each unit on demand).
+    ahead: u64,
     /// Bytes of all its parameter chunks, for a claim.
     params: u64,
     /// Host bytes its moves to and from NVMe stage through.
@@ -45,9 +48,9 @@ struct Member {
 struct Inner {
     members: Vec<Member>,
     current: Option<usize>,
-    /// The room the member with the turn asked for (its working set, or all its parameters
-    /// besides for a claim).
-    room: u64,
+    /// The room the member with the turn asked for: what it needs (its working set, or all its
+    /// parameters besides for a claim) and what it would like for prefetching.
+    room: (u64, u64),
     clock: u64,
     /// Members in the order they took turns (the latest few hundred).
     history: Vec<usize>,
@@ -106,12 +109,13 @@ impl Turns {
     /// Registers a model's manager: `want`, the bytes it needs in fast memory while at work;
     /// `params`, the bytes of its parameter chunks; `staging`, the host bytes its NVMe moves
     /// stage through; `sweep`, the device bytes it needs working in the background. Returns its
-    /// member id.
+    /// member id. See [`Turns::ahead`] for the prefetch room of its turns.
     pub fn join(&self, mgr: Arc<Manager>, want: u64, params: u64, staging: u64, sweep: u64) -> usize {
         let mut g = self.lock();
         g.members.push(Member {
             mgr,
             want,
+            ahead: 0,
             params,
             staging,
             sweep,
@@ -121,8 +125,16 @@ impl Turns {
         g.members.len() - 1
     }
 
+    /// Member `k`'s turns also make room for `bytes` of prefetching (the next unit's chunks)
+    /// where the budgets allow, beyond its working set. A background update's feasibility
+    /// still counts the working set alone: prefetch room is a preference, not a need.
+    pub fn ahead(&self, k: usize, bytes: u64) {
+        self.lock().members[k].ahead = bytes;
+    }
+
     /// Gives member `k` the turn: the others give back memory, those needed furthest in the
-    /// future first, until `k` has room for its working set. A no-op while `k` has the turn.
+    /// future first, until `k` has room for its working set and its prefetching. A no-op while
+    /// `k` has the turn.
     pub fn enter(&self, k: usize) -> Result<()> {
         let mut g = self.lock();
         if g.current == Some(k) {
@@ -130,9 +142,9 @@ impl Turns {
             g.members[k].last_turn = g.clock;
             return Ok(());
         }
-        let want = g.members[k].want;
-        g.room = want;
-        self.make_room(&mut g, k, want)
+        let room = (g.members[k].want, g.members[k].ahead);
+        g.room = room;
+        self.make_room(&mut g, k, room)
     }
 
     /// Gives member `k` the turn with room for all its parameters besides its working set
@@ -140,9 +152,9 @@ impl Turns {
     /// phase that reads them many times over.
     pub fn claim(&self, k: usize) -> Result<()> {
         let mut g = self.lock();
-        let want = g.members[k].want + g.members[k].params;
-        g.room = want;
-        self.make_room(&mut g, k, want)
+        let room = (g.members[k].want + g.members[k].params, 0);
+        g.room = room;
+        self.make_room(&mut g, k, room)
     }
 
     /// Member `k` goes on working in the background (its optimizer update) while the others
@@ -177,7 +189,7 @@ impl Turns {
         }
         // Room for its working set (from the idle ones), and no more than that.
         let sweep = me.sweep;
-        self.make_room(&mut g, k, sweep)?;
+        self.make_room(&mut g, k, (sweep, 0))?;
         let me = &g.members[k];
         if !gave(me.mgr.give_back(me.sweep, me.staging))? {
             return Ok(false);
@@ -190,6 +202,9 @@ impl Turns {
             tiers.lease(Tier::Device, None);
             return Ok(false);
         }
+        // Its NVMe traffic yields to the others' from now on: their fetches wait for data
+        // their compute needs, its update only for itself.
+        tiers.set_background_io(true);
         g.members[k].busy = true;
         g.backgrounds += 1;
         if g.current == Some(k) {
@@ -210,6 +225,7 @@ impl Turns {
         }
         m.mgr.tiers().lease(Tier::Device, None);
         m.mgr.tiers().lease(Tier::Host, None);
+        m.mgr.tiers().set_background_io(false);
         m.busy = false;
         if let Some(c) = g.current.filter(|&c| c != k) {
             let room = g.room;
@@ -220,7 +236,9 @@ impl Turns {
         }
     }
 
-    fn make_room(&self, g: &mut Inner, k: usize, want: u64) -> Result<()> {
+    /// Makes room for member `k`: `want` bytes it needs (on the device, the rest in host memory
+    /// where there is NVMe below) and `ahead` bytes more on the device where the budgets allow.
+    fn make_room(&self, g: &mut Inner, k: usize, (want, ahead): (u64, u64)) -> Result<()> {
         g.clock += 1;
         let now = g.clock;
         g.members[k].last_turn = now;
@@ -239,8 +257,10 @@ impl Turns {
         let nvme = me.mgr.tiers().has(Tier::Nvme);
         // Busy members' leases are not `k`'s to take.
         let (dev_leased, host_leased): (u64, u64) = g.members.iter().filter(|m| m.busy).map(|m| (m.sweep, m.staging)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-        let want_dev = want.min(self.device.limit().saturating_sub(dev_leased));
-        let want_host = if nvme { (want - want_dev + me.staging).min(self.host.limit().saturating_sub(host_leased)) } else { 0 };
+        let dev_room = self.device.limit().saturating_sub(dev_leased);
+        let need_dev = want.min(dev_room);
+        let want_dev = (want + ahead).min(dev_room);
+        let want_host = if nvme { (want - need_dev + me.staging).min(self.host.limit().saturating_sub(host_leased)) } else { 0 };
         let short = |t: Tier, want: u64, b: &SharedBudget| want.saturating_sub(b.free() + held(&me.mgr, t));
         let mut released = 0;
         // Host memory first: the others' device write-backs to NVMe stage through it, so it
@@ -443,6 +463,39 @@ mod tests {
         check(&a, 6, 10.0);
         turns.enter(kb).unwrap();
         check(&b, 6, 20.0);
+    }
+
+    #[test]
+    fn a_turn_makes_room_to_prefetch_the_next_unit_where_the_budget_allows() {
+        let dir = scratch();
+        let turns = Turns::new(8 * CB, 8 * CB);
+        let (a, ka) = member_on(&turns, 8, Some(dir.path()), 2 * CB, 2 * CB);
+        let (b, kb) = member_on(&turns, 8, Some(dir.path()), 2 * CB, 2 * CB);
+        turns.enter(kb).unwrap();
+        touch_all(&b, 8);
+        assert_eq!(held(&b, Tier::Device), 8 * CB, "b alone takes the whole device");
+        // Without prefetch room a gets its working set and no more.
+        turns.enter(ka).unwrap();
+        assert_eq!(held(&b, Tier::Device), 6 * CB);
+        turns.enter(kb).unwrap();
+        touch_all(&b, 8);
+        turns.ahead(ka, 2 * CB);
+        turns.enter(ka).unwrap();
+        assert_eq!(held(&b, Tier::Device), 4 * CB, "room for a's working set and the next unit");
+        // a streams through its chunks within that room.
+        touch_all(&a, 8);
+        assert!(held(&a, Tier::Device) <= 4 * CB);
+        // Prefetch room is a preference: a's update goes to the background where its working
+        // set fits beside b's, though not beside b's prefetch room too.
+        let small = Turns::new(5 * CB, 8 * CB);
+        let (c, kc) = member_on(&small, 2, Some(dir.path()), 2 * CB, CB);
+        let (_d, kd) = member_on(&small, 2, Some(dir.path()), 2 * CB, CB);
+        small.ahead(kc, 2 * CB);
+        small.ahead(kd, 2 * CB);
+        fill(&small, kc, &c, 2, 1.0);
+        assert!(small.background(kc).unwrap(), "2 + 2 chunks fit in 5; the prefetch room is not owed");
+        small.done(kc);
+        check(&c, 2, 1.0);
     }
 
     fn touch_all(m: &Manager, n: usize) {

@@ -121,6 +121,8 @@ pub(crate) struct Nvme {
     meta: Mutex<HashMap<(u32, u64), SlotMeta>>,
     counters: Counters,
     notes: Vec<String>,
+    /// New requests are background traffic (see [`Nvme::set_background`]).
+    background: std::sync::atomic::AtomicBool,
 }
 
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
@@ -205,6 +207,7 @@ impl Nvme {
             meta: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             notes,
+            background: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -343,9 +346,19 @@ impl Nvme {
         self.submit_segments(IoKind::Read, file, dst, len, offset, verify);
     }
 
+    /// Marks the requests submitted from now on as background traffic, which yields to the
+    /// process's foreground requests (or, with `false`, as foreground again).
+    pub(crate) fn set_background(&self, on: bool) {
+        self.background.store(on, Ordering::Release);
+    }
+
     fn submit_segments(&self, kind: IoKind, file: Arc<SlotFile>, buf: *mut u8, len: usize, offset: u64, done: Done) {
         let seg = self.segment_bytes;
         let count = len.div_ceil(seg).max(1);
+        let background = self.background.load(Ordering::Acquire);
+        if !background {
+            engine::begin_foreground(count);
+        }
         let batch = Arc::new(Batch {
             remaining: AtomicU64::new(count as u64),
             state: Mutex::new((None, Some(done))),
@@ -368,7 +381,13 @@ impl Nvme {
                     // SAFETY: `at < len`, inside the caller's buffer.
                     buf: SendPtr(unsafe { buf.add(at) }),
                     len: n,
-                    done: Box::new(move |r| b.segment_done(r.map_err(|e| Error::io(op, path, seg_offset, e)))),
+                    background,
+                    done: Box::new(move |r| {
+                        if !background {
+                            engine::end_foreground();
+                        }
+                        b.segment_done(r.map_err(|e| Error::io(op, path, seg_offset, e)))
+                    }),
                 }
             })
             .collect();

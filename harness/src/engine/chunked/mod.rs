@@ -300,6 +300,11 @@ impl Chunked {
         // is one, else the parameters.
         let claim = if decode.is_some() { decode_bytes } else { param_total };
         let turn = copts.turns.as_ref().map(|t| t.join(mgr.clone(), working, claim, 2 * fp.largest_chunk, 2 * fp.update_max));
+        // Its turns also make room for the next unit's chunks, which then arrive while the
+        // current unit computes instead of on demand after it.
+        if let (Some(t), Some(k)) = (copts.turns.as_ref(), turn) {
+            t.ahead(k, fp.unit_max);
+        }
         let up = std::sync::Arc::new(Updater {
             mgr: mgr.clone(),
             group: train,
@@ -360,6 +365,10 @@ impl Chunked {
     /// Waits for the update running in the background, if any. Its error is returned here,
     /// and a note that the state is partly updated by every later call.
     fn settle(&self) -> Result<()> {
+        if Background::running(&self.background) {
+            // Someone waits for it now: its NVMe traffic no longer yields to the others'.
+            self.mgr.tiers().set_background_io(false);
+        }
         Background::settle(&self.background)
     }
 

@@ -11,6 +11,7 @@ mod uring;
 mod workers;
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -70,7 +71,31 @@ pub(crate) struct IoRequest {
     /// Valid for `len` bytes until `done` has run (the submitter's operation owns it).
     pub buf: SendPtr,
     pub len: usize,
+    /// Background traffic (an optimizer update running beside other work): the io_uring
+    /// engine holds it back while foreground requests are outstanding (see [`foreground`]).
+    pub background: bool,
     pub done: IoDone,
+}
+
+/// Foreground requests outstanding in this process, queued or in flight in any engine. The
+/// managers of one process share its disks, so one model's background update yields to
+/// another's fetches wherever their swap files are.
+static FOREGROUND: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts `n` foreground requests as outstanding; each must be ended by
+/// [`end_foreground`] once, when it completes.
+pub(crate) fn begin_foreground(n: usize) {
+    FOREGROUND.fetch_add(n, Ordering::AcqRel);
+}
+
+pub(crate) fn end_foreground() {
+    // Saturating: a count can never go below zero, whatever the order of completions.
+    let _ = FOREGROUND.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)));
+}
+
+/// Foreground requests outstanding now.
+pub(crate) fn foreground() -> usize {
+    FOREGROUND.load(Ordering::Acquire)
 }
 
 /// Requests an engine has submitted, by kind of buffer.

@@ -253,7 +253,8 @@ impl Manager {
             .ok_or_else(|| Error::InvalidState(format!("no chunk {r:?} (is the role registered for this group?)")))
     }
 
-    /// Declares the access order of one iteration (for the `optimal` policy); it repeats.
+    /// Declares the access order of one iteration; it repeats. The `optimal` policy follows it;
+    /// `auto` uses it until it has traced an iteration.
     pub fn set_schedule(&self, schedule: &[ChunkRef]) {
         let mut g = self.lock();
         g.store.policy.set_schedule(schedule.iter().map(|r| r.id()).collect(), true);

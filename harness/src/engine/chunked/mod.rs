@@ -345,7 +345,15 @@ impl Chunked {
             notes,
         };
         me.initialise(seed)?;
-        me.mgr.set_schedule(&me.schedule());
+        // The declared order: `optimal` follows it. `auto` takes it as its guess until it has
+        // traced an iteration, which is right for a model that only runs forward passes over
+        // its parameters (the reference and reward models of PPO never end an iteration, and
+        // the registration order would evict each chunk two units share between them). A model
+        // that trains or decodes through a copy also generates, which the schedule leaves out:
+        // its first step is better guessed by the registration order, then traced.
+        if me.copts.policy != PolicyKind::Auto || (!me.opts.trainable && me.decode.is_none()) {
+            me.mgr.set_schedule(&me.schedule());
+        }
         Ok(me)
     }
 

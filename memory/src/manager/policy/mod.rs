@@ -25,7 +25,8 @@ pub enum PolicyKind {
     /// rest streams through the remaining device room, least recently used out first.
     Static { param_frac: f64, optim_frac: f64 },
     /// Traces the first iteration's accesses and non-model memory, then evicts the chunk used
-    /// furthest in the future of that trace and prefetches along it; re-traces on change.
+    /// furthest in the future of that trace and prefetches along it; re-traces on change. Until
+    /// then it goes by the declared schedule, if any, else by the registration order.
     Auto,
     /// Follows a declared schedule: evicts the chunk needed furthest in the future, prefetches
     /// ahead as far as the budget allows.

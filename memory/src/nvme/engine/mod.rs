@@ -72,14 +72,16 @@ pub(crate) struct IoRequest {
     pub buf: SendPtr,
     pub len: usize,
     /// Background traffic (an optimizer update running beside other work): the io_uring
-    /// engine holds it back while foreground requests are outstanding (see [`foreground`]).
+    /// engine keeps one such request in flight at a time while foreground requests are
+    /// outstanding (see [`foreground`]); the other engines treat it like any other.
     pub background: bool,
     pub done: IoDone,
 }
 
 /// Foreground requests outstanding in this process, queued or in flight in any engine. The
 /// managers of one process share its disks, so one model's background update yields to
-/// another's fetches wherever their swap files are.
+/// another's fetches wherever their swap files are (a process with swap files on two disks
+/// yields more than it needs to).
 static FOREGROUND: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts `n` foreground requests as outstanding; each must be ended by

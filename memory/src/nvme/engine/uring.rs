@@ -4,12 +4,12 @@
 //! Host arenas are registered as fixed buffers (READ_FIXED/WRITE_FIXED) when the kernel and the
 //! memlock limit allow; otherwise requests use plain READ/WRITE, with the reason logged once.
 //!
-//! Background requests (an optimizer update beside other work) wait in a queue of their own
-//! while any foreground request of the process is outstanding, and no more than a few of them
-//! are in flight at once: a model's fetch then waits behind at most those few segments instead
-//! of behind the other model's whole queue. One held longer than [`BACKGROUND_HOLD`] goes ahead
-//! anyway, so background work always progresses. The disk's own scheduler cannot do this: it
-//! sees few enough requests that it dispatches them all at once.
+//! Background requests (an optimizer update beside other work) wait in a queue of their own:
+//! while any foreground request of the process is outstanding, one of them is in flight at a
+//! time, else a quarter of the depth. A model's fetch then waits behind at most one background
+//! segment instead of behind the other model's whole queue, and background work always
+//! progresses. The disk's own scheduler cannot do this: it sees few enough requests that it
+//! dispatches them all at once.
 
 use std::collections::VecDeque;
 use std::io;
@@ -17,7 +17,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use io_uring::{opcode, types, IoUring};
@@ -31,11 +30,6 @@ const FIXED_SLOTS: u32 = 256;
 /// The kernel's limit on one registered buffer.
 const FIXED_MAX_LEN: usize = 1 << 30;
 const WAKE: u64 = u64::MAX;
-const TIMER: u64 = u64::MAX - 1;
-/// The longest a background request is held back for foreground ones.
-const BACKGROUND_HOLD: Duration = Duration::from_millis(500);
-/// How often a reactor holding background requests looks whether the foreground is idle.
-const BACKGROUND_POLL: Duration = Duration::from_millis(1);
 
 enum Msg {
     Io(IoRequest),
@@ -55,6 +49,9 @@ pub(crate) struct UringEngine {
 struct Counts {
     fixed: AtomicU64,
     plain: AtomicU64,
+    /// The most background requests seen in flight while foreground ones were outstanding.
+    #[cfg(test)]
+    background_peak_beside_foreground: std::sync::atomic::AtomicUsize,
 }
 
 impl UringEngine {
@@ -62,8 +59,7 @@ impl UringEngine {
     /// (old kernel, seccomp), so the caller can fall back.
     pub(crate) fn new(depth: u32) -> io::Result<Self> {
         let depth = depth.clamp(1, 4096);
-        // Room for the requests, the wake-up read and the background timer.
-        let ring: IoUring = IoUring::builder().build((depth + 2).next_power_of_two())?;
+        let ring: IoUring = IoUring::builder().build((depth + 1).next_power_of_two())?;
         let fixed = match ring.submitter().register_buffers_sparse(FIXED_SLOTS) {
             Ok(()) => true,
             Err(e) => {
@@ -165,14 +161,11 @@ struct Reactor {
     free_ids: Vec<usize>,
     in_flight: usize,
     pending: VecDeque<InFlight>,
-    /// Background requests not yet submitted, with when they arrived.
-    held: VecDeque<(Instant, InFlight)>,
-    /// Background requests in flight, and the most there may be.
+    /// Background requests not yet submitted.
+    held: VecDeque<InFlight>,
+    /// Background requests in flight, and the most there may be while the foreground is idle.
     background_in_flight: usize,
     background_depth: usize,
-    /// The timeout that wakes the reactor to look at `held` again, while armed.
-    timer: Box<types::Timespec>,
-    timer_armed: bool,
     closing: bool,
     counts: Arc<Counts>,
 }
@@ -195,8 +188,6 @@ impl Reactor {
             held: VecDeque::new(),
             background_in_flight: 0,
             background_depth: (depth / 4).max(1),
-            timer: Box::new(types::Timespec::from(BACKGROUND_POLL)),
-            timer_armed: false,
             closing: false,
             counts,
         }
@@ -209,10 +200,9 @@ impl Reactor {
             if !self.wake_armed && !self.closing {
                 self.arm_wake();
             }
-            if !self.held.is_empty() && !self.timer_armed {
-                self.arm_timer();
-            }
-            if self.closing && self.in_flight == 0 && self.pending.is_empty() && self.held.is_empty() && !self.wake_armed && !self.timer_armed {
+            // Held requests never wait for nothing: while any is held, one of them is in flight
+            // (see `next`), and its completion wakes the reactor.
+            if self.closing && self.in_flight == 0 && self.pending.is_empty() && self.held.is_empty() && !self.wake_armed {
                 return;
             }
             match self.ring.submit_and_wait(1) {
@@ -231,7 +221,7 @@ impl Reactor {
     fn drain_messages(&mut self) {
         loop {
             match self.rx.try_recv() {
-                Ok(Msg::Io(req)) if req.background => self.held.push_back((Instant::now(), InFlight { req, done: 0 })),
+                Ok(Msg::Io(req)) if req.background => self.held.push_back(InFlight { req, done: 0 }),
                 Ok(Msg::Io(req)) => self.pending.push_back(InFlight { req, done: 0 }),
                 Ok(Msg::Register(ptr, len)) => self.register(ptr.0 as usize, len),
                 Ok(Msg::Unregister(ptr)) => self.unregister(ptr.0 as usize),
@@ -297,26 +287,22 @@ impl Reactor {
         }
     }
 
-    fn arm_timer(&mut self) {
-        let sqe = opcode::Timeout::new(&*self.timer as *const types::Timespec).build().user_data(TIMER);
-        // SAFETY: the timespec is boxed in the reactor, which does not return while the
-        // timeout is armed (see `run`).
-        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-            self.timer_armed = true;
-        }
-    }
-
-    /// The next request to submit: foreground ones first, then a background one where the
-    /// foreground is idle (or it has waited long enough) and few are in flight.
+    /// The next request to submit: foreground ones first, then a background one while fewer
+    /// than its limit are in flight (one while the process has foreground requests outstanding).
     fn next(&mut self) -> Option<InFlight> {
         if let Some(op) = self.pending.pop_front() {
             return Some(op);
         }
-        let &(since, _) = self.held.front()?;
-        if self.background_in_flight >= self.background_depth || (super::foreground() > 0 && since.elapsed() < BACKGROUND_HOLD && !self.closing) {
+        let foreground = super::foreground() > 0;
+        let limit = if foreground && !self.closing { 1 } else { self.background_depth };
+        if self.held.is_empty() || self.background_in_flight >= limit {
             return None;
         }
-        self.held.pop_front().map(|(_, op)| op)
+        #[cfg(test)]
+        if foreground {
+            self.counts.background_peak_beside_foreground.fetch_max(self.background_in_flight + 1, Ordering::Relaxed);
+        }
+        self.held.pop_front()
     }
 
     /// Moves pending requests into the ring up to the queue depth.
@@ -343,10 +329,10 @@ impl Reactor {
             // SAFETY: the request (its file and the operation owning its buffer) is kept in the
             // slab until its completion is reaped, so fd and buffer outlive the kernel's use.
             if unsafe { self.ring.submission().push(&entry) }.is_err() {
-                // The ring is full (cannot happen: entries exceed depth + 2); retry later.
+                // The ring is full (cannot happen: entries exceed depth + 1); retry later.
                 self.free_ids.push(id);
                 if op.req.background {
-                    self.held.push_front((Instant::now().checked_sub(BACKGROUND_HOLD).unwrap_or_else(Instant::now), op));
+                    self.held.push_front(op);
                 } else {
                     self.pending.push_front(op);
                 }
@@ -365,10 +351,6 @@ impl Reactor {
         for (id, res) in cqes {
             if id == WAKE {
                 self.wake_armed = false;
-                continue;
-            }
-            if id == TIMER {
-                self.timer_armed = false;
                 continue;
             }
             let Some(mut op) = self.slab[id as usize].take() else { continue };
@@ -404,7 +386,7 @@ impl Reactor {
     fn fail_everything(&mut self, e: io::Error) {
         // Requests still in the kernel cannot be failed safely (their buffers are in use); only
         // queued ones are. This path is reached only when the ring itself is broken.
-        for op in self.pending.drain(..).chain(self.held.drain(..).map(|(_, op)| op)) {
+        for op in self.pending.drain(..).chain(self.held.drain(..)) {
             (op.req.done)(Err(io::Error::new(e.kind(), e.to_string())));
         }
         // Keep in-flight requests (and their buffers) alive for the rest of the process.
@@ -416,6 +398,7 @@ impl Reactor {
 mod tests {
     use super::*;
     use crate::nvme::file::SlotFile;
+    use std::time::Duration;
 
     fn scratch() -> tempfile::TempDir {
         let base = std::env::var("STOWAGE_SCRATCH").unwrap_or_else(|_| "/var/tmp".into());
@@ -438,33 +421,29 @@ mod tests {
     }
 
     #[test]
-    fn background_requests_wait_while_foreground_ones_are_outstanding_but_not_for_ever() {
+    fn background_requests_go_one_at_a_time_beside_foreground_ones_and_all_complete() {
         let dir = scratch();
         let file = Arc::new(SlotFile::create(&dir.path().join("f"), 1 << 20, false).unwrap());
         let engine = UringEngine::new(8).unwrap();
-        let mut bufs = vec![vec![7u8; 4096]; 3];
+        let mut bufs: Vec<Vec<u8>> = (0..9).map(|i| vec![i as u8 + 1; 4096]).collect();
         let (tx, rx) = crossbeam_channel::unbounded();
+        let peak = || engine.counts.background_peak_beside_foreground.load(Ordering::Relaxed);
 
-        // A foreground request of the process is outstanding (counted as `Nvme` counts one).
+        // A foreground request of the process is outstanding (counted as `Nvme` counts one):
+        // eight background writes go through one at a time, and all of them complete.
         super::super::begin_foreground(1);
-        let t0 = Instant::now();
-        engine.submit(vec![write(&file, &mut bufs[0], 0, true, tx.clone())]);
-        assert!(rx.recv_timeout(BACKGROUND_HOLD / 5).is_err(), "a background write went ahead of the foreground");
-        // Foreground requests go straight through meanwhile.
-        engine.submit(vec![write(&file, &mut bufs[1], 4096, false, tx.clone())]);
-        rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
-        // The held one goes ahead once it has waited long enough, though the foreground is
-        // still busy (other tests of this process may keep it busy too).
-        rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
-        assert!(t0.elapsed() >= BACKGROUND_HOLD, "released after {:?}", t0.elapsed());
+        let reqs = bufs[..8].iter_mut().enumerate().map(|(i, b)| write(&file, b, 4096 * i as u64, true, tx.clone())).collect();
+        engine.submit(reqs);
+        for _ in 0..8 {
+            rx.recv_timeout(Duration::from_secs(10)).expect("background writes progress beside the foreground").unwrap();
+        }
+        assert_eq!(peak(), 1, "one background request in flight at a time beside the foreground");
         super::super::end_foreground();
-
-        // With the foreground idle (or, under other tests' traffic, after the hold), a
-        // background request completes.
-        engine.submit(vec![write(&file, &mut bufs[2], 8192, true, tx.clone())]);
-        rx.recv_timeout(BACKGROUND_HOLD + Duration::from_secs(5)).unwrap().unwrap();
-        let mut back = vec![0u8; 3 * 4096];
+        // Foreground requests are not held back.
+        engine.submit(vec![write(&file, &mut bufs[8], 8 * 4096, false, tx.clone())]);
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        let mut back = vec![0u8; 9 * 4096];
         std::os::unix::fs::FileExt::read_exact_at(file.file(), &mut back, 0).unwrap();
-        assert!(back.iter().all(|&b| b == 7), "every write landed");
+        assert!(back.chunks(4096).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8 + 1)), "every write landed");
     }
 }

@@ -39,6 +39,27 @@ pub enum Placement {
     Lru,
 }
 
+/// When the NVMe swap files are made (see `stowage_memory::SwapFiles`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SwapFilesArg {
+    /// As chunks first go down (a file made under load stalls the disk's other requests).
+    OnDemand,
+    /// Reserved for every chunk at start, not written (first writes then convert blocks).
+    Reserved,
+    /// Reserved for every chunk at start and written through once: training only rewrites.
+    Written,
+}
+
+impl From<SwapFilesArg> for stowage_memory::SwapFiles {
+    fn from(a: SwapFilesArg) -> Self {
+        match a {
+            SwapFilesArg::OnDemand => stowage_memory::SwapFiles::OnDemand,
+            SwapFilesArg::Reserved => stowage_memory::SwapFiles::Reserved,
+            SwapFilesArg::Written => stowage_memory::SwapFiles::Written,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceArg {
     /// CUDA when usable, else the simulated device.
@@ -146,6 +167,13 @@ pub struct TrainArgs {
     /// Directory for NVMe swap files: chunks spill there past the host budget.
     #[arg(long)]
     pub nvme_dir: Option<PathBuf>,
+    /// When the NVMe swap files are made: `reserved` (default) reserves every chunk's room at
+    /// start (a file made during training stalls the disk's requests in flight for up to a
+    /// second), `written` also writes them through once (a pass over the disk at start; first
+    /// writes into reserved blocks can be slower than rewrites), `on-demand` makes them as
+    /// chunks first go down.
+    #[arg(long, value_enum, default_value_t = SwapFilesArg::Reserved)]
+    pub swap_files: SwapFilesArg,
     /// ppo, pipeline: how the chunked models divide --device-budget and --host-budget.
     /// `fixed`: a third to the actor and to the critic, a sixth to the reference and to the
     /// reward model; `turns`: the model at work takes room from the idle ones (the actor all it
@@ -335,7 +363,7 @@ pub fn build_engine_with(a: &TrainArgs, spec: ModelSpec, opts: TrainOpts, notes:
                 .with_host_budget(a.host_budget.unwrap_or(state))
                 .with_arena_bytes(arena);
             if let Some(d) = &a.nvme_dir {
-                tiers = tiers.with_nvme(NvmeConfig::new(d));
+                tiers = tiers.with_nvme(NvmeConfig::new(d).with_swap_files(a.swap_files.into()));
             }
             let policy = match a.placement {
                 Placement::Static => PolicyKind::Static { param_frac: 0.5, optim_frac: 0.0 },

@@ -33,7 +33,7 @@ mod util;
 pub use error::{Error, IoOp, Result};
 pub use host::page_size;
 pub use nvme::engine::{EngineCounters, EngineKind, Fault, FaultInjector, IoKind};
-pub use nvme::NvmeConfig;
+pub use nvme::{NvmeConfig, SwapFiles};
 pub use pool::{SharedBudget, Slot};
 pub use tier::{ChunkId, DeviceKind, Tier, TierStats};
 pub use tiers::{AllocFaults, DeviceChoice, DeviceConfig, Tiers, TiersConfig};

@@ -415,6 +415,29 @@ impl Tiers {
         self.pool(tier).is_none_or(|p| p.lease(bytes))
     }
 
+    /// Obtains room in `tier` for `bytes` (at most its budget) before it is needed, in arenas
+    /// sized for slots of `slot_bytes`; returns the bytes the tier then holds. For NVMe this
+    /// makes the swap files up front, and with `write` writes the new ones through once (see
+    /// [`crate::SwapFiles`]); the manager does it when built.
+    pub fn reserve(&self, tier: Tier, bytes: u64, slot_bytes: usize, write: bool) -> Result<u64> {
+        if slot_bytes == 0 || slot_bytes % self.align != 0 {
+            return Err(Error::unsupported(
+                format!("reserving for slots of {slot_bytes} bytes"),
+                format!("slot sizes must be non-zero multiples of {} bytes", self.align),
+            ));
+        }
+        let pool = self.pool_or_err(tier)?;
+        let fill = self.movers.nvme.as_ref().filter(|_| write && tier == Tier::Nvme);
+        if let Some(n) = fill {
+            n.fill.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let r = pool.reserve(bytes, slot_bytes);
+        if let Some(n) = fill {
+            n.fill.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
     /// Gives back every arena of every tier that has no slot in use; returns the bytes freed.
     pub fn shrink(&self) -> u64 {
         Tier::ALL.iter().map(|&t| self.shrink_tier(t)).sum()

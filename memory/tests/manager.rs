@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use common::scratch;
 use proptest::prelude::*;
 use stowage_memory::{
-    ChunkRef, ChunkSize, DType, DeviceChoice, Error, Manager, ManagerConfig, Mode, NvmeConfig, PolicyKind, Role, TensorId,
-    TensorState, Tier, TiersConfig,
+    ChunkRef, ChunkSize, DType, DeviceChoice, Error, Manager, ManagerConfig, Mode, NvmeConfig, PolicyKind, Role, SwapFiles,
+    TensorId, TensorState, Tier, TiersConfig,
 };
 
 const ROLES: [(Role, DType); 2] = [(Role::Param, DType::F32), (Role::Master, DType::F32)];
@@ -309,6 +309,145 @@ fn with_a_schedule_prefetch_turns_stalls_into_hits() {
     // The first pass touches never-written chunks (nothing to prefetch); the next two should hit.
     assert!(with.hits >= 30, "prefetch should make the later passes hits: {} of 48", with.hits);
     assert!(with.hits > without.hits + 15, "{} vs {}", with.hits, without.hits);
+}
+
+/// A manager of two roles over `tensors` one-chunk tensors of `chunk` f32 elements, with a device
+/// and host of `fast` chunks each and `nvme` below.
+fn nvme_manager(tensors: usize, chunk: usize, fast: u64, nvme: NvmeConfig) -> Manager {
+    let cb = (chunk * 4) as u64;
+    let cfg = ManagerConfig {
+        tiers: TiersConfig::default()
+            .with_device(DeviceChoice::Simulated, fast * cb)
+            .with_host_budget(fast * cb)
+            .with_arena_bytes(cb as usize)
+            .with_nvme(nvme),
+        policy: PolicyKind::Lru,
+        chunk_size: ChunkSize::Fixed(chunk),
+        prefetch_depth: 0,
+        trace: true,
+    };
+    let mut b = Manager::builder(cfg);
+    let g = b.group("m", &ROLES);
+    for i in 0..tensors {
+        b.tensor(g, &format!("t{i}"), &[chunk]);
+    }
+    b.build().expect("manager")
+}
+
+#[test]
+fn an_access_to_several_chunks_on_nvme_reads_them_together() {
+    let dir = scratch();
+    // 1 MiB chunks, so one read outlasts the time it takes to start the others.
+    let chunk = 1 << 18;
+    let m = nvme_manager(2, chunk, 4, NvmeConfig::new(dir.path()).with_budget(64 << 20));
+    let refs: Vec<ChunkRef> = (0..2).flat_map(|i| ROLES.map(|(role, _)| m.chunk_of(TensorId { group: 0, index: i }, role))).collect();
+    {
+        let mut a = m.access(&refs, Mode::Write).unwrap();
+        for (k, r) in refs.iter().enumerate() {
+            a.slice_mut::<u32>(TensorId { group: 0, index: r.index }, r.role).unwrap().fill(k as u32 + 7);
+        }
+    }
+    m.offload().unwrap();
+    assert!(refs.iter().all(|&r| m.residency(r) == vec![Tier::Nvme]), "everything went down to NVMe");
+    m.reset_trace();
+    {
+        let a = m.access(&refs, Mode::Read).unwrap();
+        for (k, r) in refs.iter().enumerate() {
+            assert!(a.slice::<u32>(TensorId { group: 0, index: r.index }, r.role).unwrap().iter().all(|&x| x == k as u32 + 7));
+        }
+    }
+    let t = m.chrome_trace().unwrap();
+    let events = t["traceEvents"].as_array().unwrap();
+    let track = events
+        .iter()
+        .find(|e| e["ph"] == "M" && e["args"]["name"] == "nvme->device")
+        .map(|e| e["tid"].clone())
+        .expect("an nvme->device track");
+    let reads: Vec<(f64, f64)> = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["tid"] == track)
+        .map(|e| (e["ts"].as_f64().unwrap(), e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(reads.len(), 4, "{reads:?}");
+    let last_start = reads.iter().map(|r| r.0).fold(f64::MIN, f64::max);
+    let first_end = reads.iter().map(|r| r.1).fold(f64::MAX, f64::min);
+    assert!(last_start < first_end, "the four reads were in flight together: {reads:?}");
+}
+
+/// Bytes of `path` in extents the file system marks unwritten (reserved, never written), by
+/// FIEMAP; None where the file system does not say (tmpfs).
+fn unwritten_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const EXTENT_UNWRITTEN: u32 = 0x800;
+    const EXTENTS: usize = 64;
+    // struct fiemap (32 bytes) then EXTENTS struct fiemap_extent (56 bytes each), as u64 words.
+    let mut buf = vec![0u64; (32 + 56 * EXTENTS) / 8];
+    buf[1] = u64::MAX; // fm_length
+    buf[2] = 1; // fm_flags = SYNC, fm_mapped_extents = 0
+    buf[3] = EXTENTS as u64; // fm_extent_count, fm_reserved = 0
+    let f = std::fs::File::open(path).ok()?;
+    // SAFETY: `buf` is a zeroed, 8-byte aligned fiemap with room for EXTENTS extents, as the
+    // request's header says; the kernel writes no further.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP, buf.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    let mapped = (buf[2] >> 32) as usize;
+    let mut unwritten = 0;
+    for e in 0..mapped.min(EXTENTS) {
+        let w = 4 + e * 7; // fe_logical, fe_physical, fe_length, 2 reserved, then flags
+        let flags = buf[w + 5] as u32;
+        if flags & EXTENT_UNWRITTEN != 0 {
+            unwritten += buf[w + 2];
+        }
+    }
+    Some(unwritten)
+}
+
+#[test]
+fn swap_files_are_made_when_the_manager_is_built_and_not_in_its_work() {
+    for swap in [SwapFiles::Written, SwapFiles::Reserved, SwapFiles::OnDemand] {
+        let preallocate = swap != SwapFiles::OnDemand;
+        let dir = scratch();
+        let chunk = 4096;
+        let m = nvme_manager(8, chunk, 2, NvmeConfig::new(dir.path()).with_budget(1 << 30).with_swap_files(swap));
+        let arenas = || m.tiers().stats(Tier::Nvme).unwrap().arenas;
+        let files = || std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "slots")).count();
+        let made = (arenas(), files());
+        let need = 8 * 2 * (chunk * 4) as u64;
+        if preallocate {
+            assert!(m.tiers().stats(Tier::Nvme).unwrap().reserved >= need, "room for every chunk up front");
+            assert!(made.0 > 0 && made.0 as usize == made.1, "{made:?}");
+            // Written through: no block left for a first write to convert (where the file
+            // system says; a reservation alone leaves them unwritten on ext4 and xfs).
+            let unwritten: Option<u64> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "slots"))
+                .map(|p| unwritten_bytes(&p))
+                .sum();
+            if swap == SwapFiles::Written {
+                assert!(unwritten.is_none_or(|u| u == 0), "written swap files have {unwritten:?} unwritten bytes");
+            } else {
+                eprintln!("reserved swap files: {unwritten:?} bytes unwritten");
+            }
+        } else {
+            assert_eq!(made, (0, 0));
+        }
+        // Every chunk written and sent down to NVMe: with the files made up front, no more.
+        for i in 0..8 {
+            let t = TensorId { group: 0, index: i };
+            let mut a = m.access(&[m.chunk_of(t, Role::Param), m.chunk_of(t, Role::Master)], Mode::Write).unwrap();
+            a.slice_mut::<u32>(t, Role::Param).unwrap().fill(i as u32);
+        }
+        m.offload().unwrap();
+        if preallocate {
+            assert_eq!((arenas(), files()), made, "no swap file made in the work");
+        } else {
+            assert!(arenas() > 0, "without preallocation the files come as chunks go down");
+        }
+    }
 }
 
 #[test]

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use access::Access;
 
 use crate::error::{Error, Result};
+use crate::nvme::SwapFiles;
 use crate::tier::{ChunkId, Tier};
 use crate::tiers::{Tiers, TiersConfig};
 use layout::{ChunkSize, DType, GroupLayout, Role};
@@ -145,6 +146,11 @@ impl ManagerBuilder {
             layouts.push(l);
         }
         check_fits(&tiers, &order)?;
+        match self.cfg.tiers.nvme.as_ref().map(|n| n.swap_files) {
+            Some(SwapFiles::Reserved) => preallocate(&tiers, &order, false),
+            Some(SwapFiles::Written) => preallocate(&tiers, &order, true),
+            Some(SwapFiles::OnDemand) | None => {}
+        }
         let by_id = chunks.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
         let states = layouts
             .iter()
@@ -169,6 +175,24 @@ impl ManagerBuilder {
             inner: Mutex::new(Inner { store, states }),
             cv: Condvar::new(),
         })
+    }
+}
+
+/// Makes the NVMe tier's swap files for every chunk now (at most its budget), writing them
+/// through once with `write`: made later, each would stall the disk's requests in flight while
+/// the file system allocates it (see [`SwapFiles`]). A disk with less room keeps what was made,
+/// and the rest is made as chunks go down (an error then names the disk).
+fn preallocate(tiers: &Tiers, order: &[(ChunkId, u64, bool)], write: bool) {
+    let need: u64 = order.iter().map(|c| c.1).sum();
+    let Some(slot) = order.iter().map(|c| c.1).max() else { return };
+    let t0 = Instant::now();
+    match tiers.reserve(Tier::Nvme, need, slot as usize, write) {
+        Ok(got) => log::info!(
+            "nvme: {got} bytes of swap files {} for {need} bytes of chunks in {:.2} s",
+            if write { "made and written" } else { "reserved" },
+            t0.elapsed().as_secs_f64()
+        ),
+        Err(e) => log::warn!("nvme: making swap files for {need} bytes of chunks up front: {e}; the rest is made as chunks go down"),
     }
 }
 
@@ -409,61 +433,82 @@ impl Manager {
         })
     }
 
-    /// Makes every chunk in `idx` valid on the device, waiting outside the lock.
+    /// Makes every chunk in `idx` valid on the device, waiting outside the lock. Every fetch
+    /// that can start does before any is waited for, so an access to several chunks (an
+    /// optimizer step's parameters, gradients and moments) reads them together rather than one
+    /// after another.
     fn bring_up<'a>(&'a self, mut g: MutexGuard<'a, Inner>, idx: &[usize], stalled: &mut bool) -> (MutexGuard<'a, Inner>, Result<()>) {
         // Largest first, so smaller chunks fill the gaps the larger ones leave.
-        let mut pending: Vec<usize> = idx.to_vec();
-        pending.sort_by_key(|&i| std::cmp::Reverse(g.store.chunks[i].bytes));
+        let by_size = |g: &Inner| {
+            let mut v: Vec<usize> = idx.to_vec();
+            v.sort_by_key(|&i| std::cmp::Reverse(g.store.chunks[i].bytes));
+            v
+        };
+        let mut pending = by_size(&g);
         let mut relocations = 0;
-        while let Some(&i) = pending.first() {
+        'rounds: loop {
             g.store.reap();
-            if let Some(e) = g.store.chunks[i].error.take() {
-                return (g, Err(e));
+            for &i in &pending {
+                if let Some(e) = g.store.chunks[i].error.take() {
+                    return (g, Err(e));
+                }
             }
-            let c = &g.store.chunks[i];
-            if c.on(Tier::Device) && c.moving.is_none() {
-                pending.remove(0);
-                continue;
+            pending.retain(|&i| {
+                let c = &g.store.chunks[i];
+                !(c.on(Tier::Device) && c.moving.is_none())
+            });
+            if pending.is_empty() {
+                return (g, Ok(()));
             }
             *stalled = true;
-            if c.moving.is_some() {
-                g = self.wait(g, Some(i));
-                continue;
-            }
-            match self.start_fetch(&mut g.store, i, idx) {
-                Ok(true) => {}
-                Ok(false) => g = self.wait(g, None),
-                Err(Error::OverBudget { tier: Tier::Device, .. }) if relocations < 4 && self.fragmented(&g.store, idx) => {
-                    relocations += 1;
-                    // The bytes fit but not in one piece: clear the device of everything no
-                    // other access holds (this access's chunks included) and bring this
-                    // access's chunks up largest first, which packs them without holes.
-                    let mut progressed = false;
-                    for j in 0..g.store.chunks.len() {
-                        let c = &g.store.chunks[j];
-                        let ours = idx.contains(&j);
-                        if c.copies[0].is_none() || c.moving.is_some() || (c.compute && !ours) {
-                            continue;
-                        }
-                        g.store.chunks[j].compute = false;
-                        let r = g.store.evict(&self.tiers, j, Tier::Device, &[]);
-                        g.store.chunks[j].compute = ours;
-                        if let Err(e) = r {
-                            return (g, Err(e));
-                        }
-                        progressed |= g.store.chunks[j].copies[0].is_none() || g.store.chunks[j].moving.is_some();
-                    }
-                    // Write-backs may wait for room below; the relocation count bounds retries.
-                    if !progressed && g.store.chunks.iter().any(|c| c.moving.is_some()) {
-                        g = self.wait(g, None);
-                    }
-                    pending = idx.to_vec();
-                    pending.sort_by_key(|&i| std::cmp::Reverse(g.store.chunks[i].bytes));
+            for k in 0..pending.len() {
+                let i = pending[k];
+                if g.store.chunks[i].moving.is_some() {
+                    continue;
                 }
-                Err(e) => return (g, Err(e)),
+                match self.start_fetch(&mut g.store, i, idx) {
+                    Ok(true) => {}
+                    // Room is being made: wait for a move below.
+                    Ok(false) => break,
+                    Err(Error::OverBudget { tier: Tier::Device, .. }) if relocations < 4 && self.fragmented(&g.store, idx) => {
+                        relocations += 1;
+                        // The bytes fit but not in one piece: clear the device of everything no
+                        // other access holds (this access's chunks included) and bring this
+                        // access's chunks up largest first, which packs them without holes.
+                        // Its fetches in flight land first, so they can move too.
+                        while let Some(i) = idx.iter().copied().find(|&i| g.store.chunks[i].moving.is_some()) {
+                            g = self.wait(g, Some(i));
+                            g.store.reap();
+                        }
+                        let mut progressed = false;
+                        for j in 0..g.store.chunks.len() {
+                            let c = &g.store.chunks[j];
+                            let ours = idx.contains(&j);
+                            if c.copies[0].is_none() || c.moving.is_some() || (c.compute && !ours) {
+                                continue;
+                            }
+                            g.store.chunks[j].compute = false;
+                            let r = g.store.evict(&self.tiers, j, Tier::Device, &[]);
+                            g.store.chunks[j].compute = ours;
+                            if let Err(e) = r {
+                                return (g, Err(e));
+                            }
+                            progressed |= g.store.chunks[j].copies[0].is_none() || g.store.chunks[j].moving.is_some();
+                        }
+                        // Write-backs may wait for room below; the relocation count bounds retries.
+                        if !progressed && g.store.chunks.iter().any(|c| c.moving.is_some()) {
+                            g = self.wait(g, None);
+                        }
+                        pending = by_size(&g);
+                        continue 'rounds;
+                    }
+                    Err(e) => return (g, Err(e)),
+                }
             }
+            // One of this access's moves, the first in line, else any (one making room).
+            let ours = pending.iter().copied().find(|&i| g.store.chunks[i].moving.is_some());
+            g = self.wait(g, ours);
         }
-        (g, Ok(()))
     }
 
     /// Whether the chunks of an access would fit on the device by bytes alone.

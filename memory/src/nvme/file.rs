@@ -64,6 +64,41 @@ impl SlotFile {
         Ok(slot_file)
     }
 
+    /// Writes zeros over the first `len` bytes, so that later writes rewrite blocks rather than
+    /// convert reserved (unwritten) ones. Blocks of `align`-aligned zeros, four writers at once.
+    pub(crate) fn fill_zeros(&self, len: usize, align: usize) -> Result<()> {
+        const BLOCK: usize = 8 << 20;
+        let align = align.max(4096);
+        let layout = std::alloc::Layout::from_size_align(BLOCK, align).map_err(|e| Error::io(IoOp::Allocate, &self.path, 0, io::Error::other(e)))?;
+        // SAFETY: a non-zero size; the block is freed below, after every write that reads it.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(Error::io(IoOp::Allocate, &self.path, 0, io::Error::from(io::ErrorKind::OutOfMemory)));
+        }
+        // SAFETY: `ptr` holds BLOCK initialised (zeroed) bytes until the dealloc below.
+        let zeros: &[u8] = unsafe { std::slice::from_raw_parts(ptr, BLOCK) };
+        let blocks = len.div_ceil(BLOCK);
+        let r = std::thread::scope(|s| {
+            let writers: Vec<_> = (0..4)
+                .map(|w| {
+                    s.spawn(move || -> Result<()> {
+                        for b in (w..blocks).step_by(4) {
+                            let off = b * BLOCK;
+                            let n = BLOCK.min(len - off);
+                            std::os::unix::fs::FileExt::write_all_at(&self.file, &zeros[..n], off as u64)
+                                .map_err(|e| Error::io(IoOp::Write, &self.path, off as u64, e))?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            writers.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(Error::io(IoOp::Write, &self.path, 0, io::Error::other("a writer panicked")))))
+        });
+        // SAFETY: allocated above with this layout; the writers are done with it.
+        unsafe { std::alloc::dealloc(ptr, layout) };
+        r
+    }
+
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }

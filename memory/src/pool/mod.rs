@@ -329,6 +329,20 @@ impl Pool {
         true
     }
 
+    /// Obtains arenas, each sized for slots of `slot_bytes`, until the pool holds `bytes` (or its
+    /// budget, if less): room made before it is needed, as a file system stalls a disk's other
+    /// requests while it allocates. Returns the bytes reserved; arenas obtained before an error
+    /// stay. Idle reserved arenas are given back only when the budget needs room, or by
+    /// [`Pool::shrink`].
+    pub(crate) fn reserve(&self, bytes: u64, slot_bytes: usize) -> Result<u64> {
+        let mut st = self.lock();
+        let target = bytes.min(self.limit(&st));
+        while st.reserved < target && self.limit(&st).saturating_sub(st.reserved) >= slot_bytes as u64 {
+            self.grow(&mut st, slot_bytes)?;
+        }
+        Ok(st.reserved)
+    }
+
     /// Gives back every arena with no slot in use. Returns the bytes released.
     pub(crate) fn shrink(&self) -> u64 {
         let mut st = self.lock();

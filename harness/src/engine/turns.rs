@@ -213,6 +213,46 @@ impl Turns {
         Ok(true)
     }
 
+    /// Member `k`'s background work is now waited for, with nothing else at work: the idle
+    /// members give back device room for up to `k`'s working set again (its next chunk sets,
+    /// which its update then prefetches, and reads together rather than one chunk after another
+    /// as room frees), and its device lease grows by what that made free; its host lease grows
+    /// by as much of what is free there, for the staging of those reads and of its write-backs.
+    /// A failed give-back leaves the lease as it was.
+    pub fn hurry(&self, k: usize) -> Result<()> {
+        let g = self.lock();
+        let me = &g.members[k];
+        if !me.busy {
+            return Ok(());
+        }
+        let extra = me.sweep;
+        let order: Vec<usize> = order(&g.history, &g.members.iter().map(|m| m.last_turn).collect::<Vec<_>>(), k)
+            .into_iter()
+            .filter(|&j| !g.members[j].busy)
+            .collect();
+        for &j in &order {
+            let free = self.device.free();
+            if free >= extra {
+                break;
+            }
+            let m = &g.members[j].mgr;
+            let hd = held(m, Tier::Device);
+            // Device chunks go to host memory, or to NVMe through it: only where that has room.
+            if hd > 0 && m.tiers().has(Tier::Nvme) && self.host.free() >= g.members[j].staging / 2 {
+                gave(m.give_back(hd.saturating_sub(extra - free), u64::MAX))?;
+            }
+        }
+        let tiers = me.mgr.tiers();
+        for (tier, budget) in [(Tier::Device, &self.device), (Tier::Host, &self.host)] {
+            let grow = extra.min(budget.free());
+            if grow > 0 {
+                let now = tiers.stats(tier).map_or(0, |s| s.limit);
+                tiers.lease(tier, Some(now + grow));
+            }
+        }
+        Ok(())
+    }
+
     /// Member `k`'s background work is over: its leases end (what it does not hold goes back to
     /// the shared budgets), and the member with the turn gets the room it asked for, which the
     /// lease may have cut short (a generating actor would otherwise re-read what did not fit
@@ -436,6 +476,42 @@ mod tests {
         assert!(!small.background(kc).unwrap(), "2 + 2 chunks do not fit in 3");
         assert_eq!(held(&c, Tier::Device), held_before, "a refusal changes nothing");
         assert!(limit(&c, Tier::Device) > 2 * CB);
+    }
+
+    #[test]
+    fn a_background_update_waited_for_takes_device_room_from_the_idle_models() {
+        let dir = scratch();
+        let turns = Turns::new(6 * CB, 6 * CB);
+        let (a, ka) = member_on(&turns, 6, Some(dir.path()), 2 * CB, 2 * CB);
+        let (b, kb) = member_on(&turns, 6, Some(dir.path()), 2 * CB, 2 * CB);
+        fill(&turns, ka, &a, 6, 10.0);
+        assert!(turns.background(ka).unwrap());
+        // b takes its turn and fills the device beside a's lease.
+        fill(&turns, kb, &b, 6, 20.0);
+        let limit = |m: &Manager| m.tiers().stats(Tier::Device).unwrap().limit;
+        assert_eq!(limit(&a), 2 * CB);
+        assert!(held(&b, Tier::Device) >= 3 * CB, "b holds the rest of the device: {}", held(&b, Tier::Device));
+        // Now a's update is what everyone waits for: b gives back room for another working set.
+        assert!(turns.host.free() > 0, "host memory to spare");
+        turns.hurry(ka).unwrap();
+        assert_eq!(limit(&a), 4 * CB, "a's lease grew by its working set");
+        let host_limit = a.tiers().stats(Tier::Host).unwrap().limit;
+        assert!(host_limit > 2 * CB && host_limit <= 4 * CB, "and its host lease by what was free there: {host_limit}");
+        assert!(held(&b, Tier::Device) <= 2 * CB, "taken from b: {}", held(&b, Tier::Device));
+        for index in 0..6 {
+            let t = TensorId { group: 0, index };
+            let mut x = a.access(&[a.chunk_of(t, Role::Param)], Mode::Write).unwrap();
+            let v = x.slice_mut::<f32>(t, Role::Param).unwrap();
+            assert!(v.iter().all(|&y| y == 10.0 + index as f32), "a's chunk {index}");
+        }
+        assert!(held(&a, Tier::Device) <= 4 * CB, "a stays within the grown lease");
+        turns.done(ka);
+        let open = 6 * CB - held(&b, Tier::Device);
+        assert_eq!(limit(&a), open, "done ends the lease: the budget less what b holds");
+        turns.hurry(ka).unwrap();
+        assert_eq!(limit(&a), open, "not busy: nothing to hurry");
+        check(&b, 6, 20.0);
+        check(&a, 6, 10.0);
     }
 
     #[test]

@@ -374,8 +374,12 @@ impl Chunked {
     /// and a note that the state is partly updated by every later call.
     fn settle(&self) -> Result<()> {
         if Background::running(&self.background) {
-            // Someone waits for it now: its NVMe traffic no longer yields to the others'.
+            // Someone waits for it now: its NVMe traffic no longer yields to the others', and
+            // it may take device room from the idle models.
             self.mgr.tiers().set_background_io(false);
+            if let (Some(t), Some(k)) = (&self.copts.turns, self.turn) {
+                t.hurry(k)?;
+            }
         }
         Background::settle(&self.background)
     }

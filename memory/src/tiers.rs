@@ -384,13 +384,18 @@ impl Tiers {
 
     /// Takes a slot of `bytes` (a multiple of [`Tiers::slot_align`]) in `tier`.
     pub fn alloc(&self, tier: Tier, bytes: usize) -> Result<Slot> {
+        self.check_slot(bytes)?;
+        self.pool_or_err(tier)?.alloc(bytes, false)
+    }
+
+    fn check_slot(&self, bytes: usize) -> Result<()> {
         if bytes == 0 || bytes % self.align != 0 {
             return Err(Error::unsupported(
                 format!("a slot of {bytes} bytes"),
                 format!("slot sizes must be non-zero multiples of {} bytes (round the chunk size up)", self.align),
             ));
         }
-        self.pool_or_err(tier)?.alloc(bytes, false)
+        Ok(())
     }
 
     /// Whether a slot of `bytes` in `tier` can be allocated now without evicting anything
@@ -420,22 +425,15 @@ impl Tiers {
     /// makes the swap files up front, and with `write` writes the new ones through once (see
     /// [`crate::SwapFiles`]); the manager does it when built.
     pub fn reserve(&self, tier: Tier, bytes: u64, slot_bytes: usize, write: bool) -> Result<u64> {
-        if slot_bytes == 0 || slot_bytes % self.align != 0 {
-            return Err(Error::unsupported(
-                format!("reserving for slots of {slot_bytes} bytes"),
-                format!("slot sizes must be non-zero multiples of {} bytes", self.align),
-            ));
-        }
+        self.check_slot(slot_bytes)?;
         let pool = self.pool_or_err(tier)?;
         let fill = self.movers.nvme.as_ref().filter(|_| write && tier == Tier::Nvme);
+        let first = fill.map_or(0, |n| n.file_count());
+        let reserved = pool.reserve(bytes, slot_bytes)?;
         if let Some(n) = fill {
-            n.fill.store(true, std::sync::atomic::Ordering::Relaxed);
+            n.write_through(first)?;
         }
-        let r = pool.reserve(bytes, slot_bytes);
-        if let Some(n) = fill {
-            n.fill.store(false, std::sync::atomic::Ordering::Relaxed);
-        }
-        r
+        Ok(reserved)
     }
 
     /// Gives back every arena of every tier that has no slot in use; returns the bytes freed.

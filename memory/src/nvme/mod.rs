@@ -70,16 +70,6 @@ pub enum SwapFiles {
     Written,
 }
 
-impl SwapFiles {
-    pub fn name(self) -> &'static str {
-        match self {
-            SwapFiles::OnDemand => "on-demand",
-            SwapFiles::Reserved => "reserved",
-            SwapFiles::Written => "written",
-        }
-    }
-}
-
 impl NvmeConfig {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         NvmeConfig {
@@ -161,8 +151,6 @@ pub(crate) struct Nvme {
     notes: Vec<String>,
     /// New requests are background traffic (see [`Nvme::set_background`]).
     background: std::sync::atomic::AtomicBool,
-    /// Swap files made now are written through with zeros (see [`SwapFiles::Written`]).
-    pub(crate) fill: std::sync::atomic::AtomicBool,
 }
 
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
@@ -248,7 +236,6 @@ impl Nvme {
             counters: Counters::default(),
             notes,
             background: std::sync::atomic::AtomicBool::new(false),
-            fill: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -282,6 +269,22 @@ impl Nvme {
             self.counters.bytes_written.load(Ordering::Relaxed),
             self.counters.bytes_read.load(Ordering::Relaxed),
         )
+    }
+
+    /// Swap files made so far (arena ids below this are taken).
+    pub(crate) fn file_count(&self) -> usize {
+        self.files.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Writes zeros through the swap files of arenas `first..`, made since [`Nvme::file_count`]
+    /// returned `first` and holding no data yet (see [`SwapFiles::Written`]).
+    pub(crate) fn write_through(&self, first: usize) -> Result<()> {
+        let files: Vec<Arc<SlotFile>> = self.files.read().unwrap_or_else(|e| e.into_inner()).iter().skip(first).flatten().cloned().collect();
+        for f in files {
+            let len = f.file().metadata().map_err(|e| Error::io(IoOp::Allocate, f.path(), 0, e))?.len();
+            f.fill_zeros(len as usize, self.align())?;
+        }
+        Ok(())
     }
 
     fn file(&self, arena: u32) -> Option<Arc<SlotFile>> {
@@ -480,9 +483,6 @@ impl ArenaBackend for NvmeArenas {
         let nvme = &self.0;
         let path = nvme.dir.join(format!("{}-{id}.slots", nvme.prefix));
         let file = SlotFile::create(&path, bytes, nvme.direct.is_some())?;
-        if nvme.fill.load(std::sync::atomic::Ordering::Relaxed) {
-            file.fill_zeros(bytes, nvme.align())?;
-        }
         let mut files = nvme.files.write().unwrap_or_else(|e| e.into_inner());
         if files.len() <= id as usize {
             files.resize(id as usize + 1, None);

@@ -40,14 +40,17 @@ pub enum Placement {
 }
 
 /// When the NVMe swap files are made (see `stowage_memory::SwapFiles`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum SwapFilesArg {
     /// As chunks first go down (a file made under load stalls the disk's other requests).
     OnDemand,
     /// Reserved for every chunk at start, not written (first writes then convert blocks).
+    #[default]
     Reserved,
     /// Reserved for every chunk at start and written through once: training only rewrites.
     Written,
+    /// Reserved at start, then written through while the disk is idle, ahead of the chunks.
+    Background,
 }
 
 impl From<SwapFilesArg> for stowage_memory::SwapFiles {
@@ -56,6 +59,7 @@ impl From<SwapFilesArg> for stowage_memory::SwapFiles {
             SwapFilesArg::OnDemand => stowage_memory::SwapFiles::OnDemand,
             SwapFilesArg::Reserved => stowage_memory::SwapFiles::Reserved,
             SwapFilesArg::Written => stowage_memory::SwapFiles::Written,
+            SwapFilesArg::Background => stowage_memory::SwapFiles::Background,
         }
     }
 }
@@ -170,9 +174,9 @@ pub struct TrainArgs {
     /// When the NVMe swap files are made: `reserved` (default) reserves every chunk's room at
     /// start (a file made during training stalls the disk's requests in flight for up to a
     /// second), `written` also writes them through once (a pass over the disk at start; first
-    /// writes into reserved blocks can be slower than rewrites), `on-demand` makes them as
-    /// chunks first go down.
-    #[arg(long, value_enum, default_value_t = SwapFilesArg::Reserved)]
+    /// writes into reserved blocks are slower than rewrites), `background` writes them through
+    /// while the disk is idle instead, `on-demand` makes them as chunks first go down.
+    #[arg(long, value_enum, default_value_t = SwapFilesArg::default())]
     pub swap_files: SwapFilesArg,
     /// ppo, pipeline: how the chunked models divide --device-budget and --host-budget.
     /// `fixed`: a third to the actor and to the critic, a sixth to the reference and to the

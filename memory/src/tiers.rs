@@ -436,6 +436,15 @@ impl Tiers {
         Ok(reserved)
     }
 
+    /// Starts writing the NVMe tier's reserved swap files through with zeros while the disks are
+    /// idle (see [`crate::SwapFiles::Background`]); files no chunk has used yet only. Nothing
+    /// without an NVMe tier.
+    pub fn fill_when_idle(&self) {
+        if let (Some(n), Some(p)) = (&self.movers.nvme, &self.nvme_pool) {
+            crate::nvme::fill::spawn(n, p);
+        }
+    }
+
     /// Gives back every arena of every tier that has no slot in use; returns the bytes freed.
     pub fn shrink(&self) -> u64 {
         Tier::ALL.iter().map(|&t| self.shrink_tier(t)).sum()

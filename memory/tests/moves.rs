@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use common::*;
 use proptest::prelude::*;
-use stowage_memory::{ChunkId, EngineKind, Slot, Tier, Tiers};
+use stowage_memory::{ChunkId, EngineKind, NvmeConfig, Slot, SwapFiles, Tier, Tiers};
 
 const ENGINES: [EngineKind; 3] = [EngineKind::Uring, EngineKind::Psync, EngineKind::Mmap];
 
@@ -253,4 +253,43 @@ fn the_simulated_device_paces_copies_to_its_bandwidth() {
     let floor = (n as usize * SLOT) as f64 / bw;
     let took = start.elapsed().as_secs_f64();
     assert!(took >= 0.9 * floor, "{n} paced copies took {took:.4}s, less than the {floor:.4}s the bandwidth allows");
+}
+
+#[test]
+fn swap_files_written_through_in_the_background_never_touch_a_chunk() {
+    let dir = scratch();
+    let files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "slots")).collect()
+    };
+    // 64 slots in arenas of 8: eight swap files, reserved (unwritten) up front.
+    let t = tiers_with(dir.path(), NvmeConfig::new(dir.path()).with_swap_files(SwapFiles::Background), 64);
+    assert_eq!(t.reserve(Tier::Nvme, 64 * SLOT as u64, SLOT, false).unwrap(), 64 * SLOT as u64);
+    assert_eq!(files().len(), 8);
+    let (_, direct, _) = t.nvme_engine().unwrap();
+    assert!(direct, "the test directory {} must take O_DIRECT (set STOWAGE_TEST_DIR to a disk)", dir.path().display());
+    let unwritten = || files().iter().map(|p| unwritten_bytes(p)).sum::<Option<u64>>();
+    let Some(before) = unwritten() else {
+        eprintln!("the file system does not report unwritten extents; nothing to check");
+        return;
+    };
+    assert!(before > 0, "reserved files start unwritten");
+    t.fill_when_idle();
+    // Chunks written down while the fill runs: three arenas' worth, wherever it is.
+    let chunks: Vec<(ChunkId, Vec<u8>, Slot)> = (0..24u64)
+        .map(|i| {
+            let data = pattern(100 + i, SLOT);
+            let slot = place(&t, ChunkId(i), Tier::Nvme, &data);
+            (ChunkId(i), data, slot)
+        })
+        .collect();
+    // Every byte is written in the end: the chunks' slots by their writes, the rest by the fill.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while unwritten() != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "still {:?} bytes unwritten after 60 s", unwritten());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for (chunk, data, slot) in chunks {
+        let (got, _) = read_back(&t, chunk, slot).unwrap_or_else(|e| panic!("{chunk}: {e}"));
+        assert!(got == data, "{chunk}: the fill changed its bytes");
+    }
 }

@@ -78,6 +78,9 @@ pub struct CapacityArgs {
     /// removed afterwards).
     #[arg(long)]
     pub nvme_dir: Option<PathBuf>,
+    /// When the chunked strategy's swap files are made (see `stowage ppo --help`).
+    #[arg(long, value_enum, default_value_t = crate::train::SwapFilesArg::default())]
+    pub swap_files: crate::train::SwapFilesArg,
     /// Directory for capacity.md, capacity.png and each run's log.
     #[arg(long, default_value = "runs/capacity")]
     pub out: PathBuf,
@@ -265,7 +268,7 @@ fn run_one(a: &CapacityArgs, (strategy, lora): (Strategy, bool), model: &str, pa
         (Some(d), Strategy::Chunked) => {
             let sub = d.join(format!("stowage-bench-{}-{tag}", std::process::id()));
             std::fs::create_dir_all(&sub).map_err(|e| HarnessError::io("creating", &sub, e))?;
-            cmd.arg("--nvme-dir").arg(&sub);
+            cmd.arg("--nvme-dir").arg(&sub).args(["--swap-files", &value_name(a.swap_files)]);
             Some(sub)
         }
         _ => None,
@@ -599,6 +602,7 @@ mod tests {
             max_new: 16,
             dtype: Precision::Fp32,
             gen_dtype: None,
+            swap_files: crate::train::SwapFilesArg::default(),
             device: DeviceArg::Sim,
             timeout_s: 10,
             keep_going: false,

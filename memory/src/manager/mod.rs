@@ -151,6 +151,10 @@ impl ManagerBuilder {
         match self.cfg.tiers.nvme.as_ref().map(|n| n.swap_files) {
             Some(SwapFiles::Reserved) => preallocate(&tiers, &order, false),
             Some(SwapFiles::Written) => preallocate(&tiers, &order, true),
+            Some(SwapFiles::Background) => {
+                preallocate(&tiers, &order, false);
+                tiers.fill_when_idle();
+            }
             Some(SwapFiles::OnDemand) | None => {}
         }
         let by_id = chunks.iter().enumerate().map(|(i, c)| (c.id, i)).collect();

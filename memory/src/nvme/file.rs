@@ -67,36 +67,23 @@ impl SlotFile {
     /// Writes zeros over the first `len` bytes, so that later writes rewrite blocks rather than
     /// convert reserved (unwritten) ones. Blocks of `align`-aligned zeros, four writers at once.
     pub(crate) fn fill_zeros(&self, len: usize, align: usize) -> Result<()> {
-        const BLOCK: usize = 8 << 20;
-        let align = align.max(4096);
-        let layout = std::alloc::Layout::from_size_align(BLOCK, align).map_err(|e| Error::io(IoOp::Allocate, &self.path, 0, io::Error::other(e)))?;
-        // SAFETY: a non-zero size; the block is freed below, after every write that reads it.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(Error::io(IoOp::Allocate, &self.path, 0, io::Error::from(io::ErrorKind::OutOfMemory)));
-        }
-        // SAFETY: `ptr` holds BLOCK initialised (zeroed) bytes until the dealloc below.
-        let zeros: &[u8] = unsafe { std::slice::from_raw_parts(ptr, BLOCK) };
-        let blocks = len.div_ceil(BLOCK);
-        let r = std::thread::scope(|s| {
+        let zeros = Zeros::new(8 << 20, align).map_err(|e| Error::io(IoOp::Allocate, &self.path, 0, e))?;
+        let blocks = len.div_ceil(zeros.len());
+        std::thread::scope(|s| {
             let writers: Vec<_> = (0..4)
                 .map(|w| {
-                    s.spawn(move || -> Result<()> {
-                        for b in (w..blocks).step_by(4) {
-                            let off = b * BLOCK;
-                            let n = BLOCK.min(len - off);
-                            std::os::unix::fs::FileExt::write_all_at(&self.file, &zeros[..n], off as u64)
-                                .map_err(|e| Error::io(IoOp::Write, &self.path, off as u64, e))?;
-                        }
-                        Ok(())
-                    })
+                    let zeros = &zeros;
+                    s.spawn(move || (w..blocks).step_by(4).try_for_each(|b| self.write_zeros(zeros, b * zeros.len(), len)))
                 })
                 .collect();
             writers.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(Error::io(IoOp::Write, &self.path, 0, io::Error::other("a writer panicked")))))
-        });
-        // SAFETY: allocated above with this layout; the writers are done with it.
-        unsafe { std::alloc::dealloc(ptr, layout) };
-        r
+        })
+    }
+
+    /// Writes one block of zeros at `off`, cut short at `end`.
+    pub(crate) fn write_zeros(&self, zeros: &Zeros, off: usize, end: usize) -> Result<()> {
+        let n = zeros.len().min(end.saturating_sub(off));
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &zeros.as_slice()[..n], off as u64).map_err(|e| Error::io(IoOp::Write, &self.path, off as u64, e))
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -128,5 +115,44 @@ impl Drop for SlotFile {
         if let Err(e) = std::fs::remove_file(&self.path) {
             log::warn!("could not remove swap file {}: {e}", self.path.display());
         }
+    }
+}
+
+/// An aligned block of zeros, for writing swap files through with direct I/O.
+pub(crate) struct Zeros {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the block is written once (zeroed) when made and only read afterwards.
+unsafe impl Send for Zeros {}
+// SAFETY: as above: shared references only read it.
+unsafe impl Sync for Zeros {}
+
+impl Zeros {
+    pub(crate) fn new(len: usize, align: usize) -> io::Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(4096)).map_err(io::Error::other)?;
+        // SAFETY: the size is at least one byte; freed in Drop with the same layout.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        Ok(Zeros { ptr, layout })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `len` initialised (zeroed) bytes until Drop.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Zeros {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, and no reference outlives `self`.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
     }
 }

@@ -7,6 +7,7 @@
 
 pub(crate) mod engine;
 mod file;
+pub(crate) mod fill;
 pub(crate) mod probe;
 
 use std::collections::HashMap;
@@ -68,6 +69,12 @@ pub enum SwapFiles {
     /// and no different in another). Costs one pass over the swap space at start: minutes for
     /// the 37 GB of the PPO capacity run on this machine's disk.
     Written,
+    /// Reserved, then written through with zeros in the background while the disks are idle
+    /// (no NVMe request of the process outstanding for 20 ms), a 2 MiB block at a time, lowest
+    /// file first, ahead of the chunks: the passes of a model that leave the disk idle pay for
+    /// it instead of the first optimizer updates. A file a chunk needs meanwhile is handed over
+    /// at once (it then stays reserved only). Needs direct I/O.
+    Background,
 }
 
 impl NvmeConfig {
@@ -403,6 +410,7 @@ impl Nvme {
         if !background {
             engine::begin_foreground(count);
         }
+        engine::begin_request(count);
         let batch = Arc::new(Batch {
             remaining: AtomicU64::new(count as u64),
             state: Mutex::new((None, Some(done))),
@@ -430,6 +438,7 @@ impl Nvme {
                         if !background {
                             engine::end_foreground();
                         }
+                        engine::end_request();
                         b.segment_done(r.map_err(|e| Error::io(op, path, seg_offset, e)))
                     }),
                 }

@@ -13,7 +13,7 @@ mod slot;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 pub use shared::SharedBudget;
 pub use slot::Slot;
@@ -40,6 +40,10 @@ struct Arena {
     /// Free byte ranges: offset -> length, coalesced (no two adjacent).
     free: BTreeMap<usize, usize>,
     free_bytes: usize,
+    /// No slot has been taken from it yet, so no byte of it holds data.
+    fresh: bool,
+    /// Prepared by [`Pool::finish_preparing`] (for NVMe: written through with zeros).
+    prepared: bool,
 }
 
 impl Arena {
@@ -89,6 +93,11 @@ struct State {
     /// Set by [`Pool::lease`]: bytes set aside for this pool alone, charged to the shared
     /// budget in full whatever it holds, and the most it may reserve meanwhile.
     lease: Option<u64>,
+    /// The fresh arena being prepared in the background ([`Pool::claim_fresh`]): no slot is
+    /// taken from it, nor is it given back, until the preparer lets go of it.
+    preparing: Option<u32>,
+    /// Set when an allocation or a shrink needs the arena being prepared.
+    stop_preparing: bool,
 }
 
 impl State {
@@ -107,6 +116,8 @@ pub(crate) struct Pool {
     shared: Option<SharedBudget>,
     backend: Box<dyn ArenaBackend>,
     state: Mutex<State>,
+    /// Signalled when the preparer lets go of its arena.
+    prepared: Condvar,
     in_flight: AtomicU64,
     staging: AtomicU64,
 }
@@ -122,6 +133,7 @@ impl Pool {
             shared,
             backend,
             state: Mutex::new(State::default()),
+            prepared: Condvar::new(),
             in_flight: AtomicU64::new(0),
             staging: AtomicU64::new(0),
         })
@@ -147,7 +159,11 @@ impl Pool {
             return Err(Error::unsupported("a zero-byte slot", "slots hold at least one byte"));
         }
         let mut st = self.lock();
-        let found = Self::take(&mut st, slot_bytes);
+        let mut found = Self::take(&mut st, slot_bytes);
+        if found.is_none() && st.preparing.is_some() {
+            st = self.stop_preparing(st);
+            found = Self::take(&mut st, slot_bytes);
+        }
         let (arena, offset) = match found {
             Some(found) => found,
             None => {
@@ -166,11 +182,73 @@ impl Pool {
         Ok(Slot::new(self.clone(), arena, offset as u64, addr, slot_bytes, staging))
     }
 
+    /// First fit over the arenas in id order, past the one being prepared.
     fn take(st: &mut State, len: usize) -> Option<(u32, usize)> {
-        st.arenas
-            .iter_mut()
+        let skip = st.preparing;
+        st.arenas.iter_mut().enumerate().filter(|(id, _)| Some(*id as u32) != skip).find_map(|(id, a)| {
+            let a = a.as_mut()?;
+            let off = a.take(len)?;
+            a.fresh = false;
+            Some((id as u32, off))
+        })
+    }
+
+    /// Asks the preparer to let go of its arena and waits until it has (at most the one block
+    /// it is writing).
+    fn stop_preparing<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        st.stop_preparing = true;
+        while st.preparing.is_some() {
+            st = self.prepared.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.stop_preparing = false;
+        st
+    }
+
+    /// Claims the lowest arena no slot was ever taken from and not yet prepared, for a
+    /// preparer working beside the pool's users (writing an NVMe swap file through); returns
+    /// its id and size. None when there is none, or another claim is held. The preparer calls
+    /// [`Pool::keep_preparing`] before each piece of work and [`Pool::finish_preparing`] at the end.
+    pub(crate) fn claim_fresh(&self) -> Option<(u32, usize)> {
+        let mut st = self.lock();
+        if st.preparing.is_some() {
+            return None;
+        }
+        let (id, bytes) = st
+            .arenas
+            .iter()
             .enumerate()
-            .find_map(|(id, a)| a.as_mut().and_then(|a| a.take(len)).map(|off| (id as u32, off)))
+            .find_map(|(id, a)| a.as_ref().filter(|a| a.fresh && !a.prepared).map(|a| (id as u32, a.bytes)))?;
+        st.preparing = Some(id);
+        Some((id, bytes))
+    }
+
+    /// Whether the preparer may go on with arena `id`. False when the pool needs it (an
+    /// allocation found no other room, or a shrink): the claim is released, and the arena stays
+    /// unprepared.
+    pub(crate) fn keep_preparing(&self, id: u32) -> bool {
+        let mut st = self.lock();
+        if st.preparing != Some(id) {
+            return false;
+        }
+        if st.stop_preparing {
+            st.preparing = None;
+            self.prepared.notify_all();
+            return false;
+        }
+        true
+    }
+
+    /// Ends the claim on arena `id`, marking it prepared when `done`.
+    pub(crate) fn finish_preparing(&self, id: u32, done: bool) {
+        let mut st = self.lock();
+        if st.preparing != Some(id) {
+            return;
+        }
+        if let Some(a) = st.arenas[id as usize].as_mut() {
+            a.prepared |= done;
+        }
+        st.preparing = None;
+        self.prepared.notify_all();
     }
 
     /// The most this pool may hold now: its capacity, less what other pools sharing its budget
@@ -267,6 +345,8 @@ impl Pool {
             bytes,
             free: BTreeMap::from([(0, bytes)]),
             free_bytes: bytes,
+            fresh: true,
+            prepared: false,
         }));
         st.reserved += bytes as u64;
         st.arena_count += 1;
@@ -276,7 +356,7 @@ impl Pool {
     /// Gives back every arena none of whose bytes is held.
     fn trim(&self, st: &mut State) {
         for id in 0..st.arenas.len() {
-            if st.arenas[id].as_ref().is_some_and(Arena::idle) {
+            if st.preparing != Some(id as u32) && st.arenas[id].as_ref().is_some_and(Arena::idle) {
                 let a = st.arenas[id].take().expect("checked above");
                 st.reserved -= a.bytes as u64;
                 self.backend.free_arena(id as u32, a.base, a.bytes);
@@ -346,6 +426,9 @@ impl Pool {
     /// Gives back every arena with no slot in use. Returns the bytes released.
     pub(crate) fn shrink(&self) -> u64 {
         let mut st = self.lock();
+        if st.preparing.is_some() {
+            st = self.stop_preparing(st);
+        }
         let before = st.reserved;
         self.trim(&mut st);
         before - st.reserved

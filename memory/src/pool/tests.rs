@@ -278,3 +278,53 @@ fn a_lease_keeps_room_for_its_pool_alone() {
     drop(a);
     assert_eq!(shared.reserved(), 0, "a dropped pool returns its lease");
 }
+
+#[test]
+fn an_arena_being_prepared_is_passed_over_and_handed_back_when_it_is_the_only_room() {
+    let (p, _, _) = pool(4, 2);
+    assert_eq!(p.reserve(4 * SLOT as u64, SLOT).unwrap(), 4 * SLOT as u64);
+    assert_eq!(p.claim_fresh(), Some((0, 2 * SLOT)), "the lowest fresh arena");
+    assert_eq!(p.claim_fresh(), None, "one claim at a time");
+    let a = p.alloc(SLOT, false).unwrap();
+    let b = p.alloc(SLOT, false).unwrap();
+    assert_eq!((a.arena(), b.arena()), (1, 1), "allocations pass the arena being prepared over");
+    // The only room left is the claimed arena: the allocation stops the preparer and waits.
+    let preparer = {
+        let p = p.clone();
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while p.keep_preparing(0) {
+                rounds += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            rounds
+        })
+    };
+    let c = p.alloc(SLOT, false).unwrap();
+    assert_eq!(c.arena(), 0);
+    preparer.join().unwrap();
+    assert!(!p.keep_preparing(0), "the claim is gone");
+    assert_eq!(p.claim_fresh(), None, "no arena is fresh any more");
+    drop((a, b, c));
+}
+
+#[test]
+fn a_prepared_arena_is_not_claimed_again_and_a_shrink_takes_back_the_one_being_prepared() {
+    let (p, allocs, frees) = pool(4, 2);
+    p.reserve(4 * SLOT as u64, SLOT).unwrap();
+    assert_eq!(p.claim_fresh(), Some((0, 2 * SLOT)));
+    p.finish_preparing(0, true);
+    assert_eq!(p.claim_fresh(), Some((1, 2 * SLOT)), "a prepared arena is done");
+    p.finish_preparing(1, false);
+    assert_eq!(p.claim_fresh(), Some((1, 2 * SLOT)), "an arena given up unprepared can be claimed again");
+    let preparer = {
+        let p = p.clone();
+        std::thread::spawn(move || while p.keep_preparing(1) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        })
+    };
+    assert_eq!(p.shrink(), 4 * SLOT as u64, "both idle arenas go, the claimed one too");
+    preparer.join().unwrap();
+    assert_eq!((allocs.load(Ordering::SeqCst), frees.load(Ordering::SeqCst)), (2, 2));
+    assert_eq!(p.claim_fresh(), None);
+}

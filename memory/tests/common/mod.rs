@@ -96,3 +96,34 @@ pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'stat
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("no progress within {secs} s: deadlock or livelock"),
     }
 }
+
+/// Bytes of `path` in extents the file system marks unwritten (reserved, never written), by
+/// FIEMAP; None where the file system does not say (tmpfs).
+pub fn unwritten_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const EXTENT_UNWRITTEN: u32 = 0x800;
+    const EXTENTS: usize = 64;
+    // struct fiemap (32 bytes) then EXTENTS struct fiemap_extent (56 bytes each), as u64 words.
+    let mut buf = vec![0u64; (32 + 56 * EXTENTS) / 8];
+    buf[1] = u64::MAX; // fm_length
+    buf[2] = 1; // fm_flags = SYNC, fm_mapped_extents = 0
+    buf[3] = EXTENTS as u64; // fm_extent_count, fm_reserved = 0
+    let f = std::fs::File::open(path).ok()?;
+    // SAFETY: `buf` is a zeroed, 8-byte aligned fiemap with room for EXTENTS extents, as the
+    // request's header says; the kernel writes no further.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP, buf.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    let mapped = (buf[2] >> 32) as usize;
+    let mut unwritten = 0;
+    for e in 0..mapped.min(EXTENTS) {
+        let w = 4 + e * 7; // fe_logical, fe_physical, fe_length, 2 reserved, then flags
+        let flags = buf[w + 5] as u32;
+        if flags & EXTENT_UNWRITTEN != 0 {
+            unwritten += buf[w + 2];
+        }
+    }
+    Some(unwritten)
+}

@@ -11,8 +11,9 @@ mod uring;
 mod workers;
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +99,42 @@ pub(crate) fn end_foreground() {
 /// Foreground requests outstanding now.
 pub(crate) fn foreground() -> usize {
     FOREGROUND.load(Ordering::Acquire)
+}
+
+/// Requests of any kind outstanding in this process, and when one last began or ended (in
+/// microseconds since [`epoch`]): what tells a swap file's background fill that the disks are
+/// idle (see [`idle_for`]).
+static OUTSTANDING: AtomicUsize = AtomicUsize::new(0);
+static LAST_ACTIVE_US: AtomicU64 = AtomicU64::new(0);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn touch() {
+    LAST_ACTIVE_US.fetch_max(epoch().elapsed().as_micros() as u64, Ordering::AcqRel);
+}
+
+/// Counts `n` requests (foreground or background) as outstanding; each ends with
+/// [`end_request`].
+pub(crate) fn begin_request(n: usize) {
+    OUTSTANDING.fetch_add(n, Ordering::AcqRel);
+    touch();
+}
+
+pub(crate) fn end_request() {
+    let _ = OUTSTANDING.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)));
+    touch();
+}
+
+/// How long no request has been outstanding in this process: zero while one is.
+pub(crate) fn idle_for() -> Duration {
+    if OUTSTANDING.load(Ordering::Acquire) > 0 {
+        return Duration::ZERO;
+    }
+    let last = LAST_ACTIVE_US.load(Ordering::Acquire);
+    epoch().elapsed().saturating_sub(Duration::from_micros(last))
 }
 
 /// Requests an engine has submitted, by kind of buffer.

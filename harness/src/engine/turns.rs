@@ -374,8 +374,21 @@ mod tests {
 
     /// A member with `tensors` one-chunk tensors, NVMe under `nvme` if given, needing `want`
     /// bytes at work and `staging` host bytes for its NVMe moves.
-    fn member_on(turns: &Turns, tensors: usize, nvme: Option<&std::path::Path>, want: u64, staging: u64) -> (Arc<Manager>, usize) {
+    /// A member's manager and its index in the turns.
+    type Member = (Arc<Manager>, usize);
+
+    fn member_on(turns: &Turns, tensors: usize, nvme: Option<&std::path::Path>, want: u64, staging: u64) -> Member {
         member_claiming(turns, tensors, nvme, want, 0, staging)
+    }
+
+    /// Room for six chunks on each tier, two members of six chunks wanting two each, and a's
+    /// chunks written (10.0 + index).
+    fn two_members_a_filled(nvme: &std::path::Path) -> (Turns, Member, Member) {
+        let turns = Turns::new(6 * CB, 6 * CB);
+        let a = member_on(&turns, 6, Some(nvme), 2 * CB, 2 * CB);
+        let b = member_on(&turns, 6, Some(nvme), 2 * CB, 2 * CB);
+        fill(&turns, a.1, &a.0, 6, 10.0);
+        (turns, a, b)
     }
 
     /// `member_on` with `params` bytes of parameters to claim room for.
@@ -435,10 +448,7 @@ mod tests {
     #[test]
     fn a_model_working_in_the_background_keeps_its_working_set_and_grows_no_further() {
         let dir = scratch();
-        let turns = Turns::new(6 * CB, 6 * CB);
-        let (a, ka) = member_on(&turns, 6, Some(dir.path()), 2 * CB, 2 * CB);
-        let (b, kb) = member_on(&turns, 6, Some(dir.path()), 2 * CB, 2 * CB);
-        fill(&turns, ka, &a, 6, 10.0);
+        let (turns, (a, ka), (b, kb)) = two_members_a_filled(dir.path());
         let limit = |m: &Manager, t: Tier| m.tiers().stats(t).unwrap().limit;
         assert!(turns.background(ka).unwrap(), "two working sets of 2 chunks fit in 6");
         assert!(held(&a, Tier::Device) <= 2 * CB && held(&a, Tier::Host) <= 2 * CB, "a gave back down to its working set");
@@ -481,10 +491,7 @@ mod tests {
     #[test]
     fn a_background_update_waited_for_takes_device_room_from_the_idle_models() {
         let dir = scratch();
-        let turns = Turns::new(6 * CB, 6 * CB);
-        let (a, ka) = member_on(&turns, 6, Some(dir.path()), 2 * CB, 2 * CB);
-        let (b, kb) = member_on(&turns, 6, Some(dir.path()), 2 * CB, 2 * CB);
-        fill(&turns, ka, &a, 6, 10.0);
+        let (turns, (a, ka), (b, kb)) = two_members_a_filled(dir.path());
         assert!(turns.background(ka).unwrap());
         // b takes its turn and fills the device beside a's lease.
         fill(&turns, kb, &b, 6, 20.0);

@@ -67,7 +67,7 @@ impl SlotFile {
     /// Writes zeros over the first `len` bytes, so that later writes rewrite blocks rather than
     /// convert reserved (unwritten) ones. Blocks of `align`-aligned zeros, four writers at once.
     pub(crate) fn fill_zeros(&self, len: usize, align: usize) -> Result<()> {
-        let zeros = Zeros::new(8 << 20, align).map_err(|e| Error::io(IoOp::Allocate, &self.path, 0, e))?;
+        let zeros = AlignedBuf::new(8 << 20, align.max(4096)).map_err(|e| Error::io(IoOp::Allocate, &self.path, 0, e))?;
         let blocks = len.div_ceil(zeros.len());
         std::thread::scope(|s| {
             let writers: Vec<_> = (0..4)
@@ -81,7 +81,7 @@ impl SlotFile {
     }
 
     /// Writes one block of zeros at `off`, cut short at `end`.
-    pub(crate) fn write_zeros(&self, zeros: &Zeros, off: usize, end: usize) -> Result<()> {
+    pub(crate) fn write_zeros(&self, zeros: &AlignedBuf, off: usize, end: usize) -> Result<()> {
         let n = zeros.len().min(end.saturating_sub(off));
         std::os::unix::fs::FileExt::write_all_at(&self.file, &zeros.as_slice()[..n], off as u64).map_err(|e| Error::io(IoOp::Write, &self.path, off as u64, e))
     }
@@ -118,26 +118,27 @@ impl Drop for SlotFile {
     }
 }
 
-/// An aligned block of zeros, for writing swap files through with direct I/O.
-pub(crate) struct Zeros {
+/// A zeroed heap buffer with a chosen alignment (direct I/O's): the O_DIRECT probe's, and the
+/// block of zeros that writes swap files through.
+pub(crate) struct AlignedBuf {
     ptr: *mut u8,
     layout: std::alloc::Layout,
 }
 
-// SAFETY: the block is written once (zeroed) when made and only read afterwards.
-unsafe impl Send for Zeros {}
-// SAFETY: as above: shared references only read it.
-unsafe impl Sync for Zeros {}
+// SAFETY: the buffer is owned; shared references only read it (writing needs `&mut`).
+unsafe impl Send for AlignedBuf {}
+// SAFETY: as above.
+unsafe impl Sync for AlignedBuf {}
 
-impl Zeros {
+impl AlignedBuf {
     pub(crate) fn new(len: usize, align: usize) -> io::Result<Self> {
-        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(4096)).map_err(io::Error::other)?;
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align).map_err(io::Error::other)?;
         // SAFETY: the size is at least one byte; freed in Drop with the same layout.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             return Err(io::Error::from(io::ErrorKind::OutOfMemory));
         }
-        Ok(Zeros { ptr, layout })
+        Ok(AlignedBuf { ptr, layout })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -145,12 +146,17 @@ impl Zeros {
     }
 
     pub(crate) fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` holds `len` initialised (zeroed) bytes until Drop.
+        // SAFETY: `ptr` holds `len` initialised bytes, owned by self, until Drop.
         unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+
+    pub(crate) fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
     }
 }
 
-impl Drop for Zeros {
+impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout, and no reference outlives `self`.
         unsafe { std::alloc::dealloc(self.ptr, self.layout) };

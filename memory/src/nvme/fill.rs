@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::engine;
-use super::file::Zeros;
+use super::file::AlignedBuf;
 use super::Nvme;
 use crate::pool::Pool;
 
@@ -47,7 +47,7 @@ pub(crate) fn spawn(nvme: &Arc<Nvme>, pool: &Arc<Pool>) {
 
 fn run(nvme: Weak<Nvme>, pool: Weak<Pool>) {
     let Some(align) = nvme.upgrade().map(|n| n.align()) else { return };
-    let zeros = match Zeros::new(BLOCK, align) {
+    let zeros = match AlignedBuf::new(BLOCK, align.max(4096)) {
         Ok(z) => z,
         Err(e) => {
             log::warn!("nvme: no buffer to write swap files through ({e}); first writes convert reserved blocks");

@@ -5,6 +5,8 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
+use super::file::AlignedBuf;
+
 /// What direct I/O needs on a file system: buffer, length and offset alignment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirectIo {
@@ -38,7 +40,7 @@ pub(crate) fn probe_direct(dir: &Path) -> io::Result<Result<DirectIo, String>> {
 
 fn find_alignment(file: &std::fs::File) -> io::Result<Result<DirectIo, String>> {
     const MAX: usize = 64 * 1024;
-    let mut buf = AlignedBuf::new(2 * MAX, MAX);
+    let mut buf = AlignedBuf::new(2 * MAX, MAX)?;
     if let Err(e) = file.write_all_at(buf.as_mut(), 0) {
         if e.raw_os_error() == Some(libc::EINVAL) {
             return Ok(Err(format!("O_DIRECT write of {MAX} aligned bytes refused: {e}")));
@@ -58,32 +60,4 @@ fn find_alignment(file: &std::fs::File) -> io::Result<Result<DirectIo, String>> 
         align *= 2;
     }
     Ok(Err("no O_DIRECT alignment up to 64 KiB works".into()))
-}
-
-/// A heap buffer with a chosen alignment, for the probe only.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize, align: usize) -> Self {
-        let layout = std::alloc::Layout::from_size_align(len, align).expect("valid probe layout");
-        // SAFETY: non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "allocating {len} bytes for the O_DIRECT probe");
-        AlignedBuf { ptr, layout }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` is a live allocation of `layout.size()` bytes owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
-    }
 }

@@ -183,8 +183,30 @@ fn run_generate(checkpoint: PathBuf, prompts: Vec<String>, max_new: usize, tempe
     Ok(())
 }
 
+/// Fixes glibc's mmap threshold at 4 MiB unless the environment sets it.
+///
+/// glibc raises the threshold (up to 32 MiB) each time a mapped block is freed, after which
+/// tensors of a few MiB come from the heap, which fragments and is rarely given back: in a PPO
+/// run under a 4 GiB budget resident memory crept from 3.70 to 4.21 GiB over five steps of the
+/// same work, against 3.42 GiB in every step with the threshold fixed (docs/capacity-cpu.md).
+/// Applies to every strategy alike; `MALLOC_MMAP_THRESHOLD_` or `GLIBC_TUNABLES` override it.
+fn fix_mmap_threshold() {
+    let set_by_env = std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some()
+        || std::env::var_os("GLIBC_TUNABLES").is_some_and(|v| v.to_string_lossy().contains("mmap_threshold"));
+    if set_by_env {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's parameters; it is called first thing in
+    // main, and glibc serialises it against allocations on other threads anyway.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) } != 1 {
+        log::warn!("glibc refused an mmap threshold of 4 MiB; resident memory may creep up over long runs");
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    fix_mmap_threshold();
     let cli = Cli::parse();
     let r: Result<(), HarnessError> = match cli.command {
         Command::Info { nvme_dir, engine, json } => info::run(nvme_dir.as_deref(), engine.into(), json).map_err(HarnessError::from),

@@ -45,11 +45,11 @@ pub enum SwapFilesArg {
     /// As chunks first go down (a file made under load stalls the disk's other requests).
     OnDemand,
     /// Reserved for every chunk at start, not written (first writes then convert blocks).
-    #[default]
     Reserved,
     /// Reserved for every chunk at start and written through once: training only rewrites.
     Written,
     /// Reserved at start, then written through while the disk is idle, ahead of the chunks.
+    #[default]
     Background,
 }
 

@@ -61,7 +61,6 @@ pub enum SwapFiles {
     OnDemand,
     /// Room for every chunk of the model (up to the budget), reserved with fallocate when the
     /// manager is built: a few milliseconds per file, before any request is in flight.
-    #[default]
     Reserved,
     /// Reserved, then written through once with zeros when the manager is built, so that no
     /// write in training is the first into its blocks (ext4 converts reserved blocks on their
@@ -73,7 +72,10 @@ pub enum SwapFiles {
     /// (no NVMe request of the process outstanding for 20 ms), a 2 MiB block at a time, lowest
     /// file first, ahead of the chunks: the passes of a model that leave the disk idle pay for
     /// it instead of the first optimizer updates. A file a chunk needs meanwhile is handed over
-    /// at once (it then stays reserved only). Needs direct I/O.
+    /// at once (it then stays reserved only). Needs direct I/O; without it, as `Reserved`.
+    /// The default: in the PPO capacity run it took the first writes' cost off the first
+    /// updates (75.9-76.2% of transfer time hidden over three steps against 72.4% with `Reserved`).
+    #[default]
     Background,
 }
 

@@ -171,11 +171,12 @@ pub struct TrainArgs {
     /// Directory for NVMe swap files: chunks spill there past the host budget.
     #[arg(long)]
     pub nvme_dir: Option<PathBuf>,
-    /// When the NVMe swap files are made: `reserved` (default) reserves every chunk's room at
-    /// start (a file made during training stalls the disk's requests in flight for up to a
-    /// second), `written` also writes them through once (a pass over the disk at start; first
-    /// writes into reserved blocks are slower than rewrites), `background` writes them through
-    /// while the disk is idle instead, `on-demand` makes them as chunks first go down.
+    /// When the NVMe swap files are made: `reserved` reserves every chunk's room at start (a
+    /// file made during training stalls the disk's requests in flight for up to a second),
+    /// `background` (default) then writes them through while the disk is idle (first writes
+    /// into reserved blocks are slower than rewrites), `written` writes them through once
+    /// before training (a pass over the disk at start), `on-demand` makes them as chunks first
+    /// go down.
     #[arg(long, value_enum, default_value_t = SwapFilesArg::default())]
     pub swap_files: SwapFilesArg,
     /// ppo, pipeline: how the chunked models divide --device-budget and --host-budget.

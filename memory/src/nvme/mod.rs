@@ -43,7 +43,7 @@ pub struct NvmeConfig {
     pub segment_bytes: usize,
     /// Use O_DIRECT where the file system allows it. Default: true.
     pub direct: bool,
-    /// When the swap files are made: see [`SwapFiles`]. Default: reserved.
+    /// When the swap files are made: see [`SwapFiles`]. Default: background.
     #[serde(default)]
     pub swap_files: SwapFiles,
     /// Faults to inject (tests only). Default: none.

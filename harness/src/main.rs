@@ -197,8 +197,8 @@ fn fix_mmap_threshold() {
         return;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes the allocator's parameters; it is called first thing in
-    // main, and glibc serialises it against allocations on other threads anyway.
+    // SAFETY: mallopt only changes the allocator's tuning parameters, and it runs first thing
+    // in main, before this program or libtorch starts any thread.
     if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) } != 1 {
         log::warn!("glibc refused an mmap threshold of 4 MiB; resident memory may creep up over long runs");
     }

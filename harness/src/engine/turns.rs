@@ -368,15 +368,15 @@ mod tests {
 
     const CB: u64 = 4096 * 4;
 
-    fn member(turns: &Turns, tensors: usize) -> (Arc<Manager>, usize) {
+    /// A member's manager and its index in the turns.
+    type Member = (Arc<Manager>, usize);
+
+    fn member(turns: &Turns, tensors: usize) -> Member {
         member_on(turns, tensors, None, tensors as u64 * CB, 0)
     }
 
     /// A member with `tensors` one-chunk tensors, NVMe under `nvme` if given, needing `want`
     /// bytes at work and `staging` host bytes for its NVMe moves.
-    /// A member's manager and its index in the turns.
-    type Member = (Arc<Manager>, usize);
-
     fn member_on(turns: &Turns, tensors: usize, nvme: Option<&std::path::Path>, want: u64, staging: u64) -> Member {
         member_claiming(turns, tensors, nvme, want, 0, staging)
     }
@@ -392,7 +392,7 @@ mod tests {
     }
 
     /// `member_on` with `params` bytes of parameters to claim room for.
-    fn member_claiming(turns: &Turns, tensors: usize, nvme: Option<&std::path::Path>, want: u64, params: u64, staging: u64) -> (Arc<Manager>, usize) {
+    fn member_claiming(turns: &Turns, tensors: usize, nvme: Option<&std::path::Path>, want: u64, params: u64, staging: u64) -> Member {
         let mut tiers = TiersConfig::default()
             .with_device(DeviceChoice::Simulated, turns.device.limit())
             .with_host_budget(turns.host.limit())
